@@ -1,0 +1,1 @@
+"""A durable chat backend for AutoGen agent teams."""

@@ -1,0 +1,92 @@
+"""The service's errors: one class per wire code, one JSON shape (`error_body`).
+
+The HTTP status lives on the class; the docstring is the default message. Backends translate driver errors into
+these (`raise StoreUnavailable(...) from exc`), so web and worker code never import a database driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ServiceError(Exception):
+    """Internal error."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (type(self).__doc__ or self.code).strip()
+        super().__init__(self.message)
+
+
+class BadRequest(ServiceError):
+    """Bad request."""
+
+    code = "bad_request"
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    """Missing or invalid token."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class NotFound(ServiceError):
+    """Not found."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(ServiceError):
+    """Conflict."""
+
+    code = "conflict"
+    status = 409
+
+
+class TooLarge(ServiceError):
+    """Too large."""
+
+    code = "too_large"
+    status = 413
+
+
+class QueueFull(ServiceError):
+    """Too many queued inputs for this session; try again when some are done."""
+
+    code = "queue_full"
+    status = 429
+
+
+class StoreUnavailable(ServiceError):
+    """The database is unavailable; nothing was stored."""
+
+    code = "unavailable"
+    status = 503
+
+
+class LeaseLost(ServiceError):
+    """This run's lease was taken back (it expired and the input was re-queued); the run may not write."""
+
+    code = "conflict"
+    status = 409
+
+
+class IncompatibleDatabase(ServiceError):
+    """The database was written by a newer version of the service."""
+
+    code = "unavailable"
+    status = 503
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The canonical error JSON: ``{"error": {"code": ..., "message": ...}}``."""
+    return {"error": {"code": code, "message": message}}
+
+
+def error_of(exc: ServiceError) -> dict[str, Any]:
+    return error_body(exc.code, exc.message)

@@ -1,0 +1,86 @@
+"""In-process fan-out of committed entries and ephemeral chunks to live readers.
+
+The hub is only a doorbell: the log is the truth. Every subscription has a bounded buffer; a subscriber that falls
+behind is marked ``lagged`` and gets nothing more, so its reader goes back to replaying from the store (see
+``service.stream``). Memory never grows with a slow client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from service.models import Entry
+
+# A durable entry, or an ephemeral frame (a dict with "seq": None).
+Item = Entry | dict[str, Any]
+
+
+class Subscription:
+    def __init__(self, session_id: str, maxsize: int) -> None:
+        self.session_id = session_id
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
+        self.lagged = False
+        self.signal = asyncio.Event()  # set on every delivery or lag, so a reader can wait on it
+
+    def offer(self, item: Item) -> None:
+        if self.lagged:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.lagged = True
+            # Drain now: the reader will replay from the store, so buffered items are of no use.
+            while not self.queue.empty():
+                self.queue.get_nowait()
+        self.signal.set()
+
+    def reset(self) -> None:
+        """The reader caught up from the store: take live items again."""
+        self.lagged = False
+
+
+class Hub:
+    def __init__(self, buffer_size: int = 1000) -> None:
+        self.buffer_size = buffer_size
+        self._subs: defaultdict[str, set[Subscription]] = defaultdict(set)
+        # Highest committed seq seen per session, for readers woken by another process's commit.
+        self.known_seq: dict[str, int] = {}
+
+    def publish(self, session_id: str, entries: Sequence[Entry]) -> None:
+        """Committed entries, in seq order (call only after the commit)."""
+        if entries:
+            self.known_seq[session_id] = max(self.known_seq.get(session_id, 0), entries[-1].seq)
+        for sub in list(self._subs.get(session_id, ())):
+            for entry in entries:
+                sub.offer(entry)
+
+    def publish_ephemeral(self, session_id: str, frame: dict[str, Any]) -> None:
+        for sub in list(self._subs.get(session_id, ())):
+            sub.offer(frame)
+
+    def notify_commit(self, session_id: str, last_seq: int) -> None:
+        """Another process committed up to ``last_seq``: readers must re-read the store (they see it as a lag)."""
+        self.known_seq[session_id] = max(self.known_seq.get(session_id, 0), last_seq)
+        for sub in list(self._subs.get(session_id, ())):
+            sub.lagged = True
+            sub.signal.set()
+
+    @contextmanager
+    def subscribe(self, session_id: str) -> Iterator[Subscription]:
+        sub = Subscription(session_id, self.buffer_size)
+        self._subs[session_id].add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subs.get(session_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[session_id]
+
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())

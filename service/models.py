@@ -1,0 +1,178 @@
+"""The domain objects and their JSON shape, in one place."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+# Lifecycle entry types written by the service itself (AutoGen's own types keep their names).
+RUN_STARTED = "run_started"
+RUN_COMPLETED = "run_completed"
+RUN_CANCELLED = "run_cancelled"
+RUN_FAILED = "run_failed"
+RUN_INTERRUPTED = "run_interrupted"
+LIFECYCLE_TYPES = frozenset({RUN_STARTED, RUN_COMPLETED, RUN_CANCELLED, RUN_FAILED, RUN_INTERRUPTED})
+USER_INPUT_REQUESTED = "UserInputRequestedEvent"
+SYSTEM_SOURCE = "system"
+
+
+class SessionStatus(str, enum.Enum):
+    IDLE = "idle"
+    QUEUED = "queued"
+    RUNNING = "running"
+    AWAITING_INPUT = "awaiting_input"
+    FAILED = "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and a Z, as in PROTOCOL.md: 2026-11-24T10:00:00.123Z."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: str
+    owner: str
+    team: str
+    title: str | None
+    status: SessionStatus
+    last_seq: int
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "team": self.team,
+            "title": self.title,
+            "status": self.status.value,
+            "last_seq": self.last_seq,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """An entry to append; the store gives it its seq, session, run id and time."""
+
+    type: str
+    source: str
+    content: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    session_id: str
+    type: str
+    source: str
+    content: Any
+    created_at: datetime
+    run_id: str | None = None
+    client_msg_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "seq": self.seq,
+            "session_id": self.session_id,
+            "type": self.type,
+            "source": self.source,
+            "content": self.content,
+            "created_at": iso(self.created_at),
+            "run_id": self.run_id,
+            "client_msg_id": self.client_msg_id,
+            "metadata": self.metadata,
+        }
+        if self.type in LIFECYCLE_TYPES:
+            # Lifecycle details (input_seq, attempt, stop_reason, error, retrying) also stand at the top level,
+            # where PROTOCOL.md names them; metadata keeps them too, so every entry has one shape.
+            for key, value in self.metadata.items():
+                body.setdefault(key, value)
+        return body
+
+
+def ephemeral(session_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A live-only frame (a streaming chunk): ``seq`` is null and it is never replayed."""
+    return {"seq": None, "session_id": session_id, **item}
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    session_id: str
+    messages: list[Entry]
+    last_seq: int
+    has_more: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "messages": [e.to_json() for e in self.messages],
+            "last_seq": self.last_seq,
+            "has_more": self.has_more,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """The answer to an enqueue. ``duplicate`` is True when ``client_msg_id`` was seen before (nothing enqueued)."""
+
+    session_id: str
+    seq: int
+    client_msg_id: str | None
+    duplicate: bool
+    entry: Entry | None  # the new log entry; None for a duplicate
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "client_msg_id": self.client_msg_id, "status": "queued"}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One input taken by one worker under a lease. ``lease_token`` fences every write of this run."""
+
+    input_id: int
+    session_id: str
+    owner: str
+    team: str
+    input_seq: int
+    content: str
+    attempt: int
+    run_id: str
+    lease_token: str
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A queued user message taken as the answer to a pending human-input request."""
+
+    seq: int
+    content: str
+
+
+def lifecycle(type_: str, content: str, **details: Any) -> NewEntry:
+    """A run lifecycle entry (source ``system``); ``details`` go to metadata (and the top level of its JSON)."""
+    return NewEntry(type=type_, source=SYSTEM_SOURCE, content=content, metadata=details)
+
+
+def interrupted(input_seq: int, attempt: int) -> NewEntry:
+    return lifecycle(
+        RUN_INTERRUPTED,
+        "The run was interrupted (the service stopped); its input is queued again.",
+        input_seq=input_seq,
+        attempt=attempt,
+        retrying=True,
+    )

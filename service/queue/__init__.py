@@ -1,0 +1,33 @@
+"""The durable queue: ``open_store(url)`` picks a backend behind the one Store contract (store.py)."""
+
+from __future__ import annotations
+
+from service.errors import BadRequest
+from service.models import utcnow
+from service.queue.store import Clock, Store
+
+
+def open_store(url: str, *, clock: Clock = utcnow, sqlite_synchronous: str = "FULL") -> Store:
+    """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
+    ``postgresql://...``."""
+    if url.startswith("memory://"):
+        from service.queue.memory import MemoryStore
+
+        return MemoryStore(clock=clock)
+    if url.startswith(("postgresql://", "postgres://")):
+        from service.queue.postgres import PostgresStore
+
+        return PostgresStore(url, clock=clock)
+    if url.startswith("sqlite://"):
+        # As in SQLAlchemy: sqlite:///rel/path is relative, sqlite:////abs/path is absolute.
+        path = url.removeprefix("sqlite://").removeprefix("/")
+    elif "://" in url:
+        raise BadRequest(f"unsupported database URL {url!r}: use a file path, sqlite:///path, memory:// or postgresql://")
+    else:
+        path = url
+    from service.queue.sqlite import SqliteStore
+
+    return SqliteStore(path, synchronous=sqlite_synchronous, clock=clock)
+
+
+__all__ = ["Store", "open_store"]

@@ -1,0 +1,157 @@
+"""The Store contract: a durable per-session log plus a FIFO input queue, with cursors and leases.
+
+This docstring and the Protocol below are THE contract; every backend (memory, sqlite, postgresql) implements it
+and `tests/test_store_contract.py` checks it on each of them.
+
+Rules every backend keeps:
+
+* **Seqs.** Each session's log entries are numbered 1, 2, 3, ... with no gap, whatever the concurrency. Nothing is
+  renumbered; ``sessions.last_seq`` is the highest seq.
+* **Commit before answer.** A verb returns only after its writes are durable (committed); a failed write raises
+  (``StoreUnavailable``) and nothing of it is visible.
+* **One running input per session, FIFO.** An input is claimable when it is ``queued``, its ``not_before`` has
+  passed, its session has no ``running`` input and no older (smaller id) ``queued`` input. Sessions run in parallel.
+* **Leases fence writes.** A claim carries a ``lease_token``. ``append``/``finish``/``retry``/``release``/
+  ``take_answer`` raise ``LeaseLost`` (and write nothing) once the input is no longer running under that token:
+  its lease was recovered, or its session was deleted.
+* **Owners.** A session belongs to one owner. Verbs that take ``owner`` treat another owner's session exactly like a
+  missing one (``None``/``False``/``NotFound``), so existence never leaks.
+* **Session status** follows the queue: ``queued`` when inputs wait and none runs, ``running`` while one runs,
+  ``awaiting_input`` after a ``UserInputRequestedEvent`` was appended until ``take_answer`` or the run ends,
+  ``failed`` after a final ``run_failed`` with nothing queued behind it, else ``idle``.
+* **Errors.** Driver errors become ``StoreUnavailable`` (unreachable, read-only, disk full, not a database),
+  ``Conflict`` (duplicate ids) or ``IncompatibleDatabase`` (migrations from a newer version), ``from`` the original.
+* **Time** comes from the ``clock`` the backend was built with (tests pass a fake one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, ClassVar, Protocol
+
+from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session
+
+Clock = Callable[[], datetime]
+# Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
+CommitListener = Callable[[str, int], Awaitable[None]]
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+class Store(Protocol):
+    """Durable per-session log + FIFO input queue. One running input per session; sessions in parallel."""
+
+    dialect: ClassVar[str]  # "memory" | "sqlite" | "postgresql"
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations. Raises IncompatibleDatabase / StoreUnavailable."""
+
+    async def close(self) -> None:
+        """Release connections; idempotent. Pending writes are committed or failed first, never dropped silently."""
+
+    async def ping(self) -> bool:
+        """True when the database answers and every known migration is applied."""
+
+    # --- sessions, log, cursors -------------------------------------------------------------------------------
+    async def create_session(self, owner: str, session_id: str | None, team: str, title: str | None) -> Session:
+        """Create an idle session. ``session_id=None`` generates one (``s_`` + 16 hex chars).
+        Raises Conflict when the id exists (whoever owns it)."""
+
+    async def get_session(self, owner: str, session_id: str) -> Session | None:
+        """The session, or None when missing or owned by someone else."""
+
+    async def list_sessions(self, owner: str) -> list[Session]:
+        """The owner's sessions, most recent activity (``updated_at``) first, ties by session_id."""
+
+    async def delete_session(self, owner: str, session_id: str) -> bool:
+        """Delete the session, its log, queue items, cursors and state. False when missing / not the owner.
+        A run of it still going gets LeaseLost on its next write."""
+
+    async def read_log(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = DEFAULT_PAGE
+    ) -> Page:
+        """A page of entries, oldest first, at most ``limit`` (callers clamp it to 1..MAX_PAGE).
+
+        ``after=N``: entries with seq > N; ``has_more`` when entries beyond the page exist.
+        ``before=N``: the ``limit`` entries just below seq N; ``has_more`` when older entries exist.
+        Neither: ``after=0``. ``last_seq`` is the session's last seq (0 for an unknown session, which reads empty).
+        Not owner-checked: callers check with ``get_session`` first."""
+
+    async def get_cursor(self, session_id: str, client_id: str) -> int | None:
+        """The stored cursor of (session, client), or None."""
+
+    async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
+        """Store max(old cursor, seq), clamped to [0, last_seq], and return the stored value (never moves back)."""
+
+    # --- queue ------------------------------------------------------------------------------------------------
+    async def enqueue(
+        self,
+        owner: str,
+        session_id: str,
+        content: str,
+        client_msg_id: str | None,
+        *,
+        team: str = "default",
+        max_queued: int | None = None,
+    ) -> Enqueued:
+        """Append the user's ``TextMessage`` (source ``user``) and its queue item in ONE transaction.
+
+        Creates the session (with ``team``) when absent; another owner's session raises NotFound.
+        A ``client_msg_id`` already used in this session returns the first answer (``duplicate=True``) and writes
+        nothing, also after a restart. More than ``max_queued`` queued (not running) inputs raises QueueFull.
+        The input starts at attempt 1. Wakes ``wait_for_work`` waiters."""
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Return when work may have become claimable (enqueue, retry, release, recovery) or after timeout_s."""
+
+    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+        """Take the oldest claimable input (see the rules above), mark it running under a fresh lease token and
+        run id, set the session ``running``. None when nothing is claimable."""
+
+    async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
+        """Append entries of this run (``run_id`` = claim.run_id) atomically. A ``UserInputRequestedEvent`` sets
+        the session ``awaiting_input``. LeaseLost if fenced."""
+
+    async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
+        """Extend the lease to now + lease_s. False when the lease is lost (nothing is changed then)."""
+
+    async def cancel_requested(self, claim: Claim) -> bool:
+        """True once ``request_cancel`` was called for this running input (from any process)."""
+
+    async def take_answer(self, claim: Claim) -> Answer | None:
+        """Human input: take the session's oldest queued input as the answer to the pending request. It is marked
+        done (it is already in the log) and the session goes back to ``running``. None when nothing is queued.
+        LeaseLost if fenced."""
+
+    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+        """End the run: append ``entry`` (run_completed, run_cancelled or a final run_failed), mark the input done,
+        save ``team_state`` (when not None) in the same transaction, and update the session's status. LeaseLost
+        if fenced."""
+
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+        """The run failed and will be tried again: append ``entry`` (run_failed, retrying) and put the input back
+        in the queue with attempt + 1, claimable from ``not_before``. LeaseLost if fenced."""
+
+    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+        """Graceful shutdown: append ``entry`` (run_interrupted) and put the input back in the queue with
+        attempt + 1, claimable at once. LeaseLost if fenced."""
+
+    async def recover_expired(self) -> list[Entry]:
+        """For each running input whose lease expired (its process died): append ``run_interrupted`` (with
+        ``input_seq`` and ``attempt``) under that run's id, and re-queue the input with attempt + 1, claimable at
+        once. Returns the appended entries (to publish)."""
+
+    async def request_cancel(self, owner: str, session_id: str) -> bool:
+        """Ask the running input of the session to stop. True when one was running; False otherwise."""
+
+    async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
+        """The team state saved by the last ``finish`` with a state, or None."""
+
+    async def counts(self) -> dict[str, int]:
+        """Number of inputs by status (``queued``, ``running``), for metrics and tests."""
+
+    async def listen(self, listener: CommitListener) -> None:
+        """Call ``listener(session_id, last_seq)`` for entries committed by OTHER processes (PostgreSQL). Backends
+        that serve one process only make this a no-op."""
