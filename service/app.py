@@ -1,0 +1,74 @@
+"""``create_app(config)``: the store, hub, teams and worker pool wired with cleanup contexts."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, web
+
+from service import keys, middleware
+from service.config import Config
+from service.hub import Hub
+from service.metrics import Metrics
+from service.queue import Store, open_store
+from service.queue.retry import RetryPolicy
+from service.routes import setup_routes
+from service.worker.pool import WorkerPool
+from service.worker.teams import TeamRegistry
+
+
+def create_app(config: Config, *, store: Store | None = None, start_workers: bool = True) -> web.Application:
+    """The aiohttp application. ``store`` overrides ``config.database`` (tests); ``start_workers=False`` leaves
+    the pool stopped so a test can drive it with ``run_until_idle()``."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[middleware.errors, middleware.auth])
+    app[keys.CONFIG] = config
+    app[keys.STORE] = store or open_store(config.database, sqlite_synchronous=config.sqlite_synchronous)
+    app[keys.HUB] = Hub(buffer_size=config.send_buffer)
+    app[keys.TEAMS] = TeamRegistry.from_config(config.teams)  # validated now: bad team configs stop the start
+    app[keys.METRICS] = Metrics()
+    app[keys.SOCKETS] = weakref.WeakSet()
+    app[keys.POOL] = WorkerPool(
+        app[keys.STORE],
+        app[keys.HUB],
+        app[keys.TEAMS],
+        workers=config.workers,
+        lease_s=config.lease_s,
+        heartbeat_s=config.heartbeat_s,
+        poll_interval_s=config.poll_interval_s,
+        grace_s=config.grace_s,
+        retry=RetryPolicy(config.max_attempts, config.retry_base_delay_s, config.retry_max_delay_s),
+        metrics=app[keys.METRICS],
+    )
+    app.cleanup_ctx.append(_store_ctx)
+    if start_workers:
+        app.cleanup_ctx.append(_pool_ctx)
+    app.on_shutdown.append(_close_sockets)
+    setup_routes(app)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[keys.STORE]
+    await store.open()
+    hub = app[keys.HUB]
+
+    async def on_remote_commit(session_id: str, last_seq: int) -> None:
+        hub.notify_commit(session_id, last_seq)
+
+    await store.listen(on_remote_commit)
+    yield
+    await store.close()
+
+
+async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = app[keys.POOL]
+    await pool.start()
+    yield
+    # Graceful: stop claiming, give runs grace_s to finish, put the rest back in the queue.
+    await pool.stop()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for ws in list(app[keys.SOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

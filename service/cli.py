@@ -1,0 +1,79 @@
+"""``python -m service serve [--config FILE] [--host H] [--port P] [--database URL] [--workers N] [--auth none|jwt]``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from service.config import Config, add_arguments, load_config
+from service.errors import ServiceError
+
+log = logging.getLogger("service")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="A durable chat backend for AutoGen agent teams."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve HTTP, WebSocket and SSE, and run the worker pool",
+        description="Settings come from the command line, then SERVICE_* environment variables, then config.toml.",
+    )
+    add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        config = load_config(cli=args, config_file=args.get("config"))
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except ServiceError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 2
+    return 0
+
+
+async def serve(config: Config) -> None:
+    from service.app import create_app  # imports AutoGen: keep `--help` fast
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=config.grace_s + 5)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        for sock in site._server.sockets if site._server else ():  # the real port when --port 0
+            host, port = sock.getsockname()[:2]
+            log.info("listening on http://%s:%s (database %s, auth %s)", host, port, _safe(config.database), config.auth)
+        await stop.wait()
+        log.info("shutting down: no new inputs; runs get %.0f s to finish", config.grace_s)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _safe(url: str) -> str:
+    """A database URL without its password, for the log."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url

@@ -1,0 +1,108 @@
+"""HTTP handlers: parse, call the store, answer."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service import keys, parse
+from service.auth import current_user
+from service.errors import BadRequest, NotFound
+from service.models import Session
+from service.queue.store import Store
+
+
+def _store(request: web.Request) -> Store:
+    return request.app[keys.STORE]
+
+
+async def owned_session(request: web.Request, session_id: str | None = None) -> Session:
+    """The caller's session, or 404 (another owner's session is exactly as missing as an unknown one)."""
+    sid = session_id or parse.session_id(request)
+    session = await _store(request).get_session(current_user(request), sid)
+    if session is None:
+        raise NotFound(f"no session {sid}")
+    return session
+
+
+async def create_session(request: web.Request) -> web.Response:
+    data = await parse.body(request)
+    raw_id = data.get("session_id")
+    sid = None if raw_id is None else parse.ident(raw_id if isinstance(raw_id, str) else None, "session_id")
+    team = parse.optional_str(data, "team", 64) or "default"
+    if team not in request.app[keys.TEAMS].names():
+        raise BadRequest(f"unknown team {team!r}; configured: {', '.join(request.app[keys.TEAMS].names())}")
+    title = parse.optional_str(data, "title", parse.MAX_TITLE)
+    session = await _store(request).create_session(current_user(request), sid, team, title)
+    return web.json_response(session.to_json(), status=201)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    sessions = await _store(request).list_sessions(current_user(request))
+    return web.json_response({"sessions": [s.to_json() for s in sessions]})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response((await owned_session(request)).to_json())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    sid = parse.session_id(request)
+    request.app[keys.POOL].cancel(sid)
+    if not await _store(request).delete_session(current_user(request), sid):
+        raise NotFound(f"no session {sid}")
+    return web.Response(status=204)
+
+
+async def read_messages(request: web.Request) -> web.Response:
+    session = await owned_session(request)
+    config = request.app[keys.CONFIG]
+    after = parse.non_negative_int(request.query.get("after"), "after")
+    before = parse.non_negative_int(request.query.get("before"), "before")
+    if after is not None and before is not None:
+        raise BadRequest("give after or before, not both")
+    page = await _store(request).read_log(
+        session.session_id, after=after, before=before, limit=parse.limit(request.query.get("limit"), config)
+    )
+    return web.json_response(page.to_json())
+
+
+async def post_message(request: web.Request) -> web.Response:
+    sid = parse.session_id(request)
+    data = await parse.body(request)
+    config = request.app[keys.CONFIG]
+    queued = await _store(request).enqueue(
+        current_user(request),
+        sid,
+        parse.content(data, config),
+        parse.client_msg_id(data),
+        max_queued=config.max_queued_per_session,
+    )
+    if queued.entry is not None:
+        request.app[keys.HUB].publish(sid, [queued.entry])
+        request.app[keys.METRICS].inputs_enqueued.inc()
+    return web.json_response(queued.to_json(), status=202)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    session = await owned_session(request)
+    requested = await _store(request).request_cancel(current_user(request), session.session_id)
+    local = request.app[keys.POOL].cancel(session.session_id)
+    return web.json_response({"cancelled": requested or local}, status=202)
+
+
+async def get_cursor(request: web.Request) -> web.Response:
+    session = await owned_session(request)
+    client_id = parse.ident(request.match_info.get("client_id"), "client_id")
+    seq = await _store(request).get_cursor(session.session_id, client_id)
+    return web.json_response({"seq": seq or 0})
+
+
+async def put_cursor(request: web.Request) -> web.Response:
+    session = await owned_session(request)
+    client_id = parse.ident(request.match_info.get("client_id"), "client_id")
+    data = await parse.body(request)
+    raw = data.get("seq")
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        raise BadRequest("seq must be a non-negative integer")
+    seq = await _store(request).set_cursor(session.session_id, client_id, raw)
+    return web.json_response({"seq": seq})

@@ -1,0 +1,26 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service import keys
+from service.errors import StoreUnavailable, error_body
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the database answers with every migration applied and the worker pool is alive."""
+    try:
+        ready = await request.app[keys.STORE].ping()
+    except StoreUnavailable:
+        ready = False
+    if not ready:
+        return web.json_response(error_body("unavailable", "the database is unreachable or not migrated"), status=503)
+    failed = request.app[keys.POOL].failed
+    if failed is not None:
+        return web.json_response(error_body("unavailable", f"the worker pool stopped: {failed}"), status=503)
+    return web.json_response({"status": "ready"})

@@ -1,0 +1,25 @@
+"""Typed keys for what the application holds (aiohttp AppKeys), in one place."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from service.config import Config
+from service.hub import Hub
+from service.queue.store import Store
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+    from service.worker.pool import WorkerPool
+    from service.worker.teams import TeamRegistry
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+HUB = web.AppKey("hub", Hub)
+POOL = web.AppKey("pool", "WorkerPool")
+TEAMS = web.AppKey("teams", "TeamRegistry")
+METRICS = web.AppKey("metrics", "Metrics")
+SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])

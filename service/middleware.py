@@ -1,0 +1,49 @@
+"""Every error leaves in one shape; authentication happens before any handler runs."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from service import keys
+from service.auth import OWNER_KEY, authenticate, is_public
+from service.errors import ServiceError, error_body
+
+log = logging.getLogger("service.http")
+
+# aiohttp's own HTTP errors (no route, wrong method, body too large) mapped onto our codes.
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_request", 409: "conflict",
+               413: "too_large", 429: "queue_full", 503: "unavailable"}
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response(error_body(code, message), status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServiceError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return json_error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+        message = exc.reason if exc.status != 413 else "the request body is too large"
+        return json_error(exc.status, code, message)
+    except Exception:
+        # The trace goes to our log only, never to the client.
+        log.exception("%s %s failed", request.method, request.path)
+        return json_error(500, "internal", "internal error")
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not is_public(request.path):
+        request[OWNER_KEY] = authenticate(request.app[keys.CONFIG], request)
+    return await handler(request)

@@ -1,0 +1,91 @@
+"""Turning untrusted input (query strings, bodies, frames) into checked values, or BadRequest/TooLarge."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from service.config import Config
+from service.errors import BadRequest, TooLarge
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_CLIENT_MSG_ID = 128
+MAX_TITLE = 200
+
+
+def ident(value: str | None, what: str) -> str:
+    if value is None or not _ID.match(value):
+        raise BadRequest(f"{what} must be 1-64 characters of A-Z, a-z, 0-9, _ or -")
+    return value
+
+
+def session_id(request: web.Request) -> str:
+    return ident(request.match_info.get("session_id"), "session_id")
+
+
+def non_negative_int(raw: str | None, what: str, default: int | None = None) -> int | None:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"{what} must be a non-negative integer, got {raw[:40]!r}") from exc
+    if value < 0:
+        raise BadRequest(f"{what} must be a non-negative integer, got {value}")
+    return value
+
+
+def limit(raw: str | None, config: Config) -> int:
+    value = non_negative_int(raw, "limit", 100)
+    assert value is not None
+    if value == 0:
+        raise BadRequest("limit must be at least 1")
+    return min(value, config.max_page)
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest("the body is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+async def body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    return json_object(await request.read())
+
+
+def optional_str(data: dict[str, Any], key: str, max_len: int) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string")
+    if len(value) > max_len:
+        raise TooLarge(f"{key} is longer than {max_len} characters")
+    return value
+
+
+def content(data: dict[str, Any], config: Config) -> str:
+    value = data.get("content")
+    if not isinstance(value, str):
+        raise BadRequest("content must be a string" if "content" in data else "content is required")
+    if not value.strip():
+        raise BadRequest("content must not be empty")
+    if len(value) > config.max_message_chars:
+        raise TooLarge(f"content is longer than {config.max_message_chars} characters")
+    return value
+
+
+def client_msg_id(data: dict[str, Any]) -> str | None:
+    value = optional_str(data, "client_msg_id", MAX_CLIENT_MSG_ID)
+    if value == "":
+        raise BadRequest("client_msg_id must not be empty")
+    return value

@@ -1,0 +1,55 @@
+"""``GET /sessions/{id}/events``: Server-Sent Events, replay then live; ``id:`` is the seq.
+
+A reconnecting EventSource sends ``Last-Event-ID``, which wins over ``?after=`` (the URL still carries the first
+cursor). Ephemeral frames carry no ``id:`` so they never move the browser's resume point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+import orjson
+from aiohttp import web
+
+from service import keys, parse
+from service.handlers import owned_session
+from service.models import Entry
+from service.stream import follow
+
+KEEPALIVE_S = 15.0
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    session = await owned_session(request)
+    after = parse.non_negative_int(request.headers.get("Last-Event-ID"), "Last-Event-ID")
+    if after is None:
+        after = parse.non_negative_int(request.query.get("after"), "after", 0)
+    assert after is not None
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    request.app[keys.METRICS].replay_entries.observe(max(0, session.last_seq - after))
+    keepalive = asyncio.create_task(_keepalive(response))
+    try:
+        async for item in follow(request.app[keys.STORE], request.app[keys.HUB], session.session_id, after):
+            if isinstance(item, Entry):
+                await response.write(f"id: {item.seq}\ndata: ".encode() + orjson.dumps(item.to_json()) + b"\n\n")
+            else:
+                await response.write(b"data: " + orjson.dumps(item) + b"\n\n")
+    except ConnectionError:
+        pass  # the client went away; it resumes with Last-Event-ID
+    finally:
+        keepalive.cancel()
+        with suppress(asyncio.CancelledError):
+            await keepalive
+    return response
+
+
+async def _keepalive(response: web.StreamResponse) -> None:
+    # A comment line keeps proxies from closing an idle stream.
+    with suppress(ConnectionError):
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            await response.write(b": keepalive\n\n")
