@@ -1,0 +1,78 @@
+"""Settings: one table, precedence CLI > env > config.toml > defaults, every setting documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser
+from service.config import SETTINGS, Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_without_any_source(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    config = load_config(cli={}, env={}, config_file=empty)
+    assert config == Config()
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('port = 9001\nworkers = 7\ndatabase = "from-file.db"\n[teams]\nx = "x.json"\n')
+    env = {"SERVICE_PORT": "9002", "SERVICE_WORKERS": "8"}
+    config = load_config(cli={"port": "9003"}, env=env, config_file=path)
+    assert (config.port, config.workers, config.database) == (9003, 8, "from-file.db")
+    assert config.teams == {"x": "x.json"}
+
+
+def test_bad_values_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="port from SERVICE_PORT: expected int"):
+        load_config(env={"SERVICE_PORT": "eighty"}, config_file=_empty(tmp_path))
+    with pytest.raises(ConfigError, match="unknown setting"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("prot = 1\n")
+        load_config(env={}, config_file=bad)
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(cli={"auth": "basic"}, env={}, config_file=_empty(tmp_path))
+
+
+def test_auth_none_refuses_a_public_address(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="refusing to serve on 0.0.0.0"):
+        load_config(cli={"host": "0.0.0.0"}, env={}, config_file=_empty(tmp_path))
+    ok = load_config(cli={"host": "0.0.0.0", "auth": "jwt"}, env={"SERVICE_JWT_SECRET": "s"},
+                     config_file=_empty(tmp_path))
+    assert ok.auth == "jwt"
+    with pytest.raises(ConfigError, match="SERVICE_JWT_SECRET"):
+        load_config(cli={"auth": "jwt"}, env={}, config_file=_empty(tmp_path))
+
+
+def test_every_setting_is_documented() -> None:
+    readme = (ROOT / "README.md").read_text()
+    toml = (ROOT / "config.toml").read_text()
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for setting in SETTINGS:
+        assert f"`{setting.name}`" in readme, f"README does not document {setting.name}"
+        assert setting.env in readme, f"README does not name {setting.env}"
+        assert setting.name in toml, f"config.toml does not show {setting.name}"
+        assert "--" + setting.name.replace("_", "-") in help_text
+
+
+def test_cli_help_and_refusal_exit_codes() -> None:
+    out = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "--database" in out.stdout and "SERVICE_WORKERS" in out.stdout
+    refused = subprocess.run([sys.executable, "-m", "service", "serve", "--host", "0.0.0.0"], capture_output=True,
+                             text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+    assert refused.returncode == 2
+    assert "refusing to serve on 0.0.0.0" in refused.stderr
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    return path
