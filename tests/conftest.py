@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from service.queue import Store, open_store
 from tests.pg import pg_database
 
 BACKENDS = ["memory", "sqlite", "postgresql"]
+# The URL the `store` fixture opened, so a test can reopen the same database (tests/test_store_contract.py).
+STORE_URL = pytest.StashKey[str]()
 
 
 class FakeClock:
@@ -32,9 +35,9 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    backend = getattr(request, "param", "memory")
+@contextmanager
+def backend_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of ``backend`` for one test (PostgreSQL: skipped when none is reachable)."""
     if backend == "memory":
         yield "memory://"
     elif backend == "sqlite":
@@ -44,26 +47,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with backend_url(getattr(request, "param", "memory"), tmp_path) as url:
+        yield url
+
+
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
     """An opened store of each backend, on the fake clock."""
-    url = _url_for(request.param, tmp_path)
-    if request.param == "postgresql":
-        with pg_database() as pg_url:
-            s = open_store(pg_url, clock=clock)
-            await s.open()
-            try:
-                yield s
-            finally:
-                await s.close()
-        return
-    s = open_store(url, clock=clock)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-def _url_for(backend: str, tmp_path: Path) -> str:
-    return "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'service.db'}"
+    with backend_url(request.param, tmp_path) as url:
+        request.node.stash[STORE_URL] = url
+        s = open_store(url, clock=clock)
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()

@@ -1,0 +1,782 @@
+"""The Store contract (service/queue/store.py), checked on every backend via the `store` fixture.
+
+Time only moves through FakeClock; every assertion is about what the store returns or keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from service.errors import Conflict, LeaseLost, NotFound, QueueFull
+from service.models import (
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_INTERRUPTED,
+    RUN_STARTED,
+    USER_INPUT_REQUESTED,
+    Answer,
+    Claim,
+    NewEntry,
+    SessionStatus,
+    interrupted,
+    lifecycle,
+)
+from service.queue import Store, open_store
+from tests.conftest import STORE_URL, FakeClock
+
+ALICE = "alice"
+BOB = "bob"
+LEASE_S = 30.0
+T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)  # FakeClock's start
+ENTRY_KEYS = {
+    "seq",
+    "session_id",
+    "type",
+    "source",
+    "content",
+    "created_at",
+    "run_id",
+    "client_msg_id",
+    "metadata",
+}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+async def claim_one(store: Store, lease_s: float = LEASE_S, worker_id: str = "w1") -> Claim:
+    claim = await store.claim(worker_id, lease_s)
+    assert claim is not None
+    return claim
+
+
+def started(claim: Claim) -> NewEntry:
+    return lifecycle(RUN_STARTED, "run started", input_seq=claim.input_seq, attempt=claim.attempt)
+
+
+def said(text: str) -> NewEntry:
+    return NewEntry(type="TextMessage", source="assistant", content=text)
+
+
+def completed() -> NewEntry:
+    return lifecycle(RUN_COMPLETED, "run completed", stop_reason="done")
+
+
+def failed(*, retrying: bool) -> NewEntry:
+    return lifecycle(RUN_FAILED, "run failed", error="boom", retrying=retrying)
+
+
+async def seqs(store: Store, session_id: str, **kw: Any) -> list[int]:
+    return [e.seq for e in (await store.read_log(session_id, **kw)).messages]
+
+
+async def status(store: Store, session_id: str, owner: str = ALICE) -> SessionStatus:
+    session = await store.get_session(owner, session_id)
+    assert session is not None
+    return session.status
+
+
+async def log_json(store: Store, session_id: str) -> list[dict[str, Any]]:
+    return [e.to_json() for e in (await store.read_log(session_id, limit=1000)).messages]
+
+
+@asynccontextmanager
+async def reopened(store: Store, request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
+    """Close ``store`` and open the same database again, as a restarted process would."""
+    if store.dialect == "memory":
+        pytest.skip("memory:// is not durable")
+    await store.close()
+    again = open_store(request.node.stash[STORE_URL], clock=clock)
+    await again.open()
+    try:
+        yield again
+    finally:
+        await again.close()
+
+
+# --- sessions -------------------------------------------------------------------------------------
+async def test_create_and_get_session(store: Store, clock: FakeClock) -> None:
+    created = await store.create_session(ALICE, "s1", "default", "First chat")
+    assert created.session_id == "s1"
+    assert created.owner == ALICE
+    assert created.team == "default"
+    assert created.title == "First chat"
+    assert created.status is SessionStatus.IDLE
+    assert created.last_seq == 0
+    assert created.created_at == created.updated_at == clock.now
+    assert await store.get_session(ALICE, "s1") == created
+    assert await store.get_session(BOB, "s1") is None
+    assert await store.get_session(ALICE, "nope") is None
+    assert await store.ping()
+
+
+async def test_create_session_generates_ids(store: Store) -> None:
+    a = await store.create_session(ALICE, None, "default", None)
+    b = await store.create_session(ALICE, None, "default", None)
+    assert re.fullmatch(r"s_[0-9a-f]{16}", a.session_id)
+    assert a.session_id != b.session_id
+    assert a.title is None
+
+
+async def test_create_session_conflict_whoever_owns_it(store: Store) -> None:
+    await store.create_session(ALICE, "s1", "default", None)
+    with pytest.raises(Conflict):
+        await store.create_session(ALICE, "s1", "default", None)
+    with pytest.raises(Conflict):
+        await store.create_session(BOB, "s1", "other", None)
+    session = await store.get_session(ALICE, "s1")
+    assert session is not None and session.team == "default"
+
+
+async def test_list_sessions_newest_activity_first(store: Store, clock: FakeClock) -> None:
+    for sid in ("a", "b", "c"):
+        await store.create_session(ALICE, sid, "default", None)
+        clock.advance(1)
+    await store.create_session(BOB, "bobs", "default", None)
+    assert [s.session_id for s in await store.list_sessions(ALICE)] == ["c", "b", "a"]
+    clock.advance(1)
+    await store.enqueue(ALICE, "a", "hello", None)
+    listed = await store.list_sessions(ALICE)
+    assert [s.session_id for s in listed] == ["a", "c", "b"]
+    assert listed[0].updated_at == clock.now
+    assert listed[0].last_seq == 1
+    assert [s.session_id for s in await store.list_sessions(BOB)] == ["bobs"]
+    assert await store.list_sessions("carol") == []
+
+
+async def test_list_sessions_ties_by_session_id(store: Store) -> None:
+    for sid in ("y", "x", "z"):
+        await store.create_session(ALICE, sid, "default", None)
+    assert [s.session_id for s in await store.list_sessions(ALICE)] == ["x", "y", "z"]
+
+
+async def test_delete_session_removes_everything_and_fences_its_run(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", "m1")
+    first = await claim_one(store)
+    await store.finish(first, completed(), {"memory": ["one"]})
+    await store.enqueue(ALICE, "s1", "two", "m2")
+    await store.enqueue(ALICE, "s1", "three", "m3")
+    running = await claim_one(store)
+    await store.append(running, [started(running)])
+    await store.set_cursor("s1", "phone", 3)
+    await store.enqueue(ALICE, "other", "keep me", None)
+
+    assert not await store.delete_session(BOB, "s1")
+    assert await store.get_session(ALICE, "s1") is not None
+    assert await store.delete_session(ALICE, "s1")
+
+    assert await store.get_session(ALICE, "s1") is None
+    assert [s.session_id for s in await store.list_sessions(ALICE)] == ["other"]
+    page = await store.read_log("s1")
+    assert (page.messages, page.last_seq, page.has_more) == ([], 0, False)
+    assert await store.get_cursor("s1", "phone") is None
+    assert await store.load_team_state("s1") is None
+    assert await store.counts() == {"queued": 1, "running": 0}
+    with pytest.raises(LeaseLost):
+        await store.append(running, [said("too late")])
+    with pytest.raises(LeaseLost):
+        await store.finish(running, completed(), {"x": 1})
+    assert not await store.heartbeat(running, LEASE_S)
+    assert not await store.delete_session(ALICE, "s1")
+
+    # Only the other session's input is left; the deleted one's queued input is gone with it.
+    other = await claim_one(store)
+    assert other.session_id == "other"
+    assert await store.claim("w1", LEASE_S) is None
+
+    # The id can be used again and starts from nothing: seq 1, client_msg_ids forgotten.
+    again = await store.enqueue(ALICE, "s1", "fresh", "m1")
+    assert (again.seq, again.duplicate) == (1, False)
+    assert await store.load_team_state("s1") is None
+
+
+# --- the log --------------------------------------------------------------------------------------
+async def test_read_log_of_empty_and_unknown_sessions(store: Store) -> None:
+    await store.create_session(ALICE, "empty", "default", None)
+    for sid in ("empty", "unknown"):
+        for kw in ({}, {"after": 0}, {"after": 5}, {"before": 1}, {"before": 10}):
+            page = await store.read_log(sid, **kw)  # type: ignore[arg-type]
+            assert page.session_id == sid
+            assert (page.messages, page.last_seq, page.has_more) == ([], 0, False)
+
+
+async def _five(store: Store) -> None:
+    for n in range(1, 6):
+        await store.enqueue(ALICE, "s1", f"message {n}", None)
+
+
+@pytest.mark.parametrize(
+    ("after", "limit", "expected", "has_more"),
+    [
+        (None, 100, [1, 2, 3, 4, 5], False),
+        (0, 2, [1, 2], True),
+        (2, 2, [3, 4], True),
+        (3, 2, [4, 5], False),
+        (4, 1, [5], False),
+        (0, 1, [1], True),
+        (0, 5, [1, 2, 3, 4, 5], False),
+        (5, 10, [], False),
+        (9, 10, [], False),
+    ],
+)
+async def test_read_log_after(
+    store: Store, after: int | None, limit: int, expected: list[int], has_more: bool
+) -> None:
+    await _five(store)
+    page = await store.read_log("s1", after=after, limit=limit)
+    assert [e.seq for e in page.messages] == expected
+    assert page.has_more is has_more
+    assert page.last_seq == 5
+
+
+@pytest.mark.parametrize(
+    ("before", "limit", "expected", "has_more"),
+    [
+        (6, 2, [4, 5], True),
+        (6, 5, [1, 2, 3, 4, 5], False),
+        (100, 3, [3, 4, 5], True),
+        (3, 2, [1, 2], False),
+        (3, 5, [1, 2], False),
+        (2, 1, [1], False),
+        (4, 1, [3], True),
+        (1, 10, [], False),
+    ],
+)
+async def test_read_log_before(
+    store: Store, before: int, limit: int, expected: list[int], has_more: bool
+) -> None:
+    await _five(store)
+    page = await store.read_log("s1", before=before, limit=limit)
+    assert [e.seq for e in page.messages] == expected
+    assert page.has_more is has_more
+    assert page.last_seq == 5
+
+
+async def test_read_log_returns_copies(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "call a tool", None)
+    claim = await claim_one(store)
+    calls = [{"id": "c1", "name": "calculator", "arguments": '{"expr": "1+1"}'}]
+    [written] = await store.append(claim, [NewEntry("ToolCallRequestEvent", "assistant", calls, {"k": [1]})])
+    assert written.content == calls and written.metadata == {"k": [1]}
+    first = (await store.read_log("s1")).messages[1]
+    first.content[0]["name"] = "mutated"
+    first.metadata["k"].append(2)
+    written.metadata["k"].append(3)
+    again = (await store.read_log("s1")).messages[1]
+    assert again.content == calls
+    assert again.metadata == {"k": [1]}
+
+
+# --- cursors --------------------------------------------------------------------------------------
+async def test_cursors_never_move_back_and_are_clamped(store: Store) -> None:
+    for n in range(3):
+        await store.enqueue(ALICE, "s1", f"m{n}", None)
+    assert await store.get_cursor("s1", "phone") is None
+    assert await store.set_cursor("s1", "phone", 2) == 2
+    assert await store.set_cursor("s1", "phone", 1) == 2
+    assert await store.get_cursor("s1", "phone") == 2
+    assert await store.set_cursor("s1", "phone", 99) == 3
+    assert await store.get_cursor("s1", "phone") == 3
+    # Per client: another client of the same session starts from nothing.
+    assert await store.get_cursor("s1", "laptop") is None
+    assert await store.set_cursor("s1", "laptop", 1) == 1
+    assert await store.set_cursor("s1", "tablet", -4) == 0
+    assert await store.get_cursor("s1", "phone") == 3
+    await store.enqueue(ALICE, "s1", "m3", None)
+    assert await store.set_cursor("s1", "phone", 99) == 4
+    assert await store.get_cursor("s1", "laptop") == 1
+
+
+# --- enqueue --------------------------------------------------------------------------------------
+async def test_enqueue_creates_the_session(store: Store, clock: FakeClock) -> None:
+    done = await store.enqueue(ALICE, "new", "hello", "c-1", team="research")
+    assert (done.session_id, done.seq, done.client_msg_id, done.duplicate) == ("new", 1, "c-1", False)
+    assert done.to_json() == {"seq": 1, "client_msg_id": "c-1", "status": "queued"}
+    assert done.entry is not None
+    assert done.entry == (await store.read_log("new")).messages[0]
+    session = await store.get_session(ALICE, "new")
+    assert session is not None
+    assert (session.owner, session.team, session.title) == (ALICE, "research", None)
+    assert (session.status, session.last_seq) == (SessionStatus.QUEUED, 1)
+    assert session.created_at == clock.now
+    # An existing session keeps its team.
+    await store.enqueue(ALICE, "new", "again", None, team="ignored")
+    session = await store.get_session(ALICE, "new")
+    assert session is not None and session.team == "research"
+
+
+async def test_user_entry_fields(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "hello there", "c-9")
+    [entry] = (await store.read_log("s1")).messages
+    assert (entry.seq, entry.session_id, entry.type, entry.source) == (1, "s1", "TextMessage", "user")
+    assert (entry.content, entry.client_msg_id, entry.run_id) == ("hello there", "c-9", None)
+    assert entry.created_at == clock.now
+    assert entry.metadata == {}
+
+
+async def test_enqueue_seqs_stay_contiguous_with_agent_entries(store: Store) -> None:
+    assert (await store.enqueue(ALICE, "s1", "one", None)).seq == 1
+    claim = await claim_one(store)
+    assert [e.seq for e in await store.append(claim, [started(claim), said("hi")])] == [2, 3]
+    assert (await store.enqueue(ALICE, "s1", "two", None)).seq == 4
+    assert [e.seq for e in await store.append(claim, [said("more")])] == [5]
+    assert (await store.finish(claim, completed(), None)).seq == 6
+    assert await seqs(store, "s1") == [1, 2, 3, 4, 5, 6]
+    session = await store.get_session(ALICE, "s1")
+    assert session is not None and session.last_seq == 6
+    # The next claim is the second input, whose user entry is seq 4.
+    assert (await claim_one(store)).input_seq == 4
+
+
+async def test_duplicate_client_msg_id_writes_nothing(store: Store) -> None:
+    first = await store.enqueue(ALICE, "s1", "hello", "dup")
+    again = await store.enqueue(ALICE, "s1", "something else", "dup")
+    assert (again.seq, again.client_msg_id, again.duplicate, again.entry) == (first.seq, "dup", True, None)
+    assert await seqs(store, "s1") == [1]
+    assert await store.counts() == {"queued": 1, "running": 0}
+    # Still a duplicate once processed.
+    claim = await claim_one(store)
+    await store.finish(claim, completed(), None)
+    assert (await store.enqueue(ALICE, "s1", "hello", "dup")).duplicate
+    assert await store.claim("w1", LEASE_S) is None
+    # Scoped to the session; no client_msg_id never deduplicates.
+    assert not (await store.enqueue(ALICE, "s2", "hello", "dup")).duplicate
+    assert not (await store.enqueue(ALICE, "s1", "x", None)).duplicate
+    assert not (await store.enqueue(ALICE, "s1", "x", None)).duplicate
+    assert await seqs(store, "s1") == [1, 2, 3, 4]
+
+
+async def test_queue_full(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", "a", max_queued=2)
+    await store.enqueue(ALICE, "s1", "two", "b", max_queued=2)
+    with pytest.raises(QueueFull):
+        await store.enqueue(ALICE, "s1", "three", "c", max_queued=2)
+    assert await seqs(store, "s1") == [1, 2]
+    # A duplicate is answered, not refused: it enqueues nothing.
+    assert (await store.enqueue(ALICE, "s1", "one", "a", max_queued=2)).duplicate
+    # Other sessions have their own limit.
+    await store.enqueue(ALICE, "s2", "elsewhere", None, max_queued=2)
+    # A running input no longer counts as queued.
+    claim = await claim_one(store)
+    assert claim.session_id == "s1"
+    assert (await store.enqueue(ALICE, "s1", "three", "c", max_queued=2)).seq == 3
+    with pytest.raises(QueueFull):
+        await store.enqueue(ALICE, "s1", "four", "d", max_queued=2)
+    assert (await store.enqueue(ALICE, "s1", "unlimited", "e")).seq == 4
+
+
+async def test_enqueue_into_another_owners_session_is_not_found(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "mine", None)
+    with pytest.raises(NotFound):
+        await store.enqueue(BOB, "s1", "not yours", None)
+    assert await seqs(store, "s1") == [1]
+    assert await store.counts() == {"queued": 1, "running": 0}
+
+
+async def test_wait_for_work_wakes_on_enqueue(store: Store) -> None:
+    waiter = asyncio.create_task(store.wait_for_work(30))
+    for _ in range(20):
+        await asyncio.sleep(0)  # let the waiter park; the assertion below does not depend on it
+    await store.enqueue(ALICE, "s1", "wake up", None)
+    await asyncio.wait_for(waiter, 10)
+
+
+async def test_wait_for_work_wakes_when_finish_unblocks_a_session(store: Store) -> None:
+    # Not in the contract's list (enqueue, retry, release, recovery), but finishing an input makes its
+    # session's next input claimable, so an idle worker must hear of it rather than sleep through a poll.
+    await store.enqueue(ALICE, "s1", "one", None)
+    await store.enqueue(ALICE, "s1", "two", None)
+    claim = await claim_one(store)
+    waiter = asyncio.create_task(store.wait_for_work(30))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await store.finish(claim, completed(), None)
+    await asyncio.wait_for(waiter, 10)
+
+
+async def test_wait_for_work_times_out(store: Store) -> None:
+    await asyncio.wait_for(store.wait_for_work(0.01), 10)
+
+
+# --- claim ----------------------------------------------------------------------------------------
+async def test_claim_fifo_across_sessions_one_running_per_session(store: Store) -> None:
+    assert await store.claim("w1", LEASE_S) is None
+    await store.create_session(ALICE, "b", "helper", None)
+    a1 = await store.enqueue(ALICE, "a", "a1", None)
+    await store.enqueue(ALICE, "b", "b1", None)
+    await store.enqueue(ALICE, "a", "a2", None)
+    await store.enqueue(BOB, "c", "c1", None)
+
+    first = await claim_one(store, worker_id="w7")
+    assert (first.session_id, first.owner, first.team, first.content) == ("a", ALICE, "default", "a1")
+    assert (first.input_seq, first.attempt, first.worker_id) == (a1.seq, 1, "w7")
+    assert re.fullmatch(r"r_[0-9a-f]{16}", first.run_id)
+    assert first.lease_token
+    assert await status(store, "a") is SessionStatus.RUNNING
+    assert await status(store, "b") is SessionStatus.QUEUED
+
+    second = await claim_one(store)
+    assert (second.session_id, second.team, second.content) == ("b", "helper", "b1")
+    third = await claim_one(store)
+    assert (third.session_id, third.owner, third.content) == ("c", BOB, "c1")
+    assert await store.claim("w1", LEASE_S) is None  # a2 waits for a1
+    assert await store.counts() == {"queued": 1, "running": 3}
+    assert len({first.run_id, second.run_id, third.run_id}) == 3
+    assert len({first.lease_token, second.lease_token, third.lease_token}) == 3
+
+    await store.finish(first, completed(), None)
+    fourth = await claim_one(store)
+    assert (fourth.session_id, fourth.content, fourth.input_seq) == ("a", "a2", 2)
+
+
+async def test_counts(store: Store) -> None:
+    assert await store.counts() == {"queued": 0, "running": 0}
+    for sid in ("a", "a", "b"):
+        await store.enqueue(ALICE, sid, "x", None)
+    assert await store.counts() == {"queued": 3, "running": 0}
+    claim = await claim_one(store)
+    assert await store.counts() == {"queued": 2, "running": 1}
+    await store.finish(claim, completed(), None)
+    assert await store.counts() == {"queued": 2, "running": 0}
+
+
+# --- a run: append, heartbeat, finish -------------------------------------------------------------
+async def test_run_appends_and_finishes_with_team_state(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "hello", None)
+    claim = await claim_one(store)
+    clock.advance(1)
+    entries = await store.append(claim, [started(claim), said("hi!")])
+    assert [(e.seq, e.type, e.source, e.run_id) for e in entries] == [
+        (2, RUN_STARTED, "system", claim.run_id),
+        (3, "TextMessage", "assistant", claim.run_id),
+    ]
+    assert all(e.created_at == clock.now and e.client_msg_id is None for e in entries)
+    assert entries[0].metadata == {"input_seq": 1, "attempt": 1}
+    assert await store.append(claim, []) == []
+    assert await store.heartbeat(claim, LEASE_S)
+    assert await status(store, "s1") is SessionStatus.RUNNING
+    assert await store.load_team_state("s1") is None
+
+    state = {"agents": {"assistant": {"messages": [{"content": "hello"}]}}, "version": 1}
+    done = await store.finish(claim, completed(), state)
+    assert (done.seq, done.type, done.run_id) == (4, RUN_COMPLETED, claim.run_id)
+    assert done.metadata == {"stop_reason": "done"}
+    assert await status(store, "s1") is SessionStatus.IDLE
+    assert await store.counts() == {"queued": 0, "running": 0}
+    loaded = await store.load_team_state("s1")
+    assert loaded == state
+    assert loaded is not None
+    loaded["agents"]["assistant"]["messages"].clear()
+    assert await store.load_team_state("s1") == state
+
+    # A finish without state keeps the last one; a finish with state replaces it.
+    await store.enqueue(ALICE, "s1", "again", None)
+    claim = await claim_one(store)
+    await store.finish(claim, completed(), None)
+    assert await store.load_team_state("s1") == state
+    await store.enqueue(ALICE, "s1", "third", None)
+    claim = await claim_one(store)
+    await store.finish(claim, completed(), {"version": 2})
+    assert await store.load_team_state("s1") == {"version": 2}
+    # The finished run can no longer write.
+    with pytest.raises(LeaseLost):
+        await store.append(claim, [said("late")])
+    with pytest.raises(LeaseLost):
+        await store.finish(claim, completed(), None)
+
+
+async def test_status_after_finish(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    await store.enqueue(ALICE, "s1", "two", None)
+    claim = await claim_one(store)
+    await store.finish(claim, completed(), None)
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    claim = await claim_one(store)
+    await store.finish(claim, failed(retrying=False), None)
+    assert await status(store, "s1") is SessionStatus.FAILED
+    await store.enqueue(ALICE, "s1", "three", None)
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    claim = await claim_one(store)
+    assert await status(store, "s1") is SessionStatus.RUNNING
+    await store.finish(claim, lifecycle(RUN_CANCELLED, "cancelled"), None)
+    assert await status(store, "s1") is SessionStatus.IDLE
+
+
+async def test_final_failure_with_input_behind_it_is_queued(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    await store.enqueue(ALICE, "s1", "two", None)
+    claim = await claim_one(store)
+    entry = await store.finish(claim, failed(retrying=False), None)
+    assert entry.metadata == {"error": "boom", "retrying": False}
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    claim = await claim_one(store)
+    await store.finish(claim, completed(), None)
+    assert await status(store, "s1") is SessionStatus.IDLE
+
+
+# --- retry, release, recovery ---------------------------------------------------------------------
+async def test_retry_waits_for_not_before_and_blocks_its_session(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "flaky", None)
+    await store.enqueue(ALICE, "s1", "after it", None)
+    await store.enqueue(ALICE, "s2", "other session", None)
+    claim = await claim_one(store)
+    entry = await store.retry(claim, failed(retrying=True), clock.now + timedelta(seconds=5))
+    assert (entry.type, entry.run_id, entry.metadata["retrying"]) == (RUN_FAILED, claim.run_id, True)
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    assert await store.counts() == {"queued": 3, "running": 0}
+
+    # Not due yet: it still blocks the younger input of its session; other sessions go on.
+    other = await claim_one(store)
+    assert other.session_id == "s2"
+    assert await store.claim("w1", LEASE_S) is None
+    clock.advance(4.9)
+    assert await store.claim("w1", LEASE_S) is None
+    clock.advance(0.2)
+    again = await claim_one(store)
+    assert (again.session_id, again.input_seq, again.content, again.attempt) == ("s1", 1, "flaky", 2)
+    assert again.run_id != claim.run_id and again.lease_token != claim.lease_token
+    await _assert_fenced(store, claim)
+    await store.finish(again, completed(), None)
+    assert (await claim_one(store)).content == "after it"
+
+
+async def test_release_requeues_at_once(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "long job", None)
+    claim = await claim_one(store)
+    entry = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    assert (entry.type, entry.run_id, entry.seq) == (RUN_INTERRUPTED, claim.run_id, 2)
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    again = await claim_one(store)
+    assert (again.input_seq, again.attempt) == (1, 2)
+    await _assert_fenced(store, claim)
+
+
+async def _assert_fenced(store: Store, claim: Claim) -> None:
+    """Every write verb refuses a claim that lost its lease, and writes nothing."""
+    before = await log_json(store, claim.session_id)
+    with pytest.raises(LeaseLost):
+        await store.append(claim, [said("ghost")])
+    with pytest.raises(LeaseLost):
+        await store.finish(claim, completed(), {"ghost": True})
+    with pytest.raises(LeaseLost):
+        await store.retry(claim, failed(retrying=True), T0)
+    with pytest.raises(LeaseLost):
+        await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    with pytest.raises(LeaseLost):
+        await store.take_answer(claim)
+    assert not await store.heartbeat(claim, LEASE_S)
+    assert await log_json(store, claim.session_id) == before
+    assert await store.load_team_state(claim.session_id) != {"ghost": True}
+
+
+async def test_recover_expired_leases(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "dies", None)
+    await store.enqueue(ALICE, "s2", "lives", None)
+    dead = await claim_one(store, lease_s=10)
+    alive = await claim_one(store, lease_s=30)
+    await store.append(dead, [started(dead)])
+    clock.advance(5)
+    assert await store.recover_expired() == []
+    assert await store.heartbeat(dead, 10)  # now expires at t+15
+    clock.advance(9)
+    assert await store.recover_expired() == []
+    clock.advance(3)  # t+17: dead expired at t+15, alive expires at t+30
+
+    [entry] = await store.recover_expired()
+    assert (entry.session_id, entry.type, entry.source, entry.run_id) == (
+        "s1",
+        RUN_INTERRUPTED,
+        "system",
+        dead.run_id,
+    )
+    assert entry.seq == 3
+    assert entry.metadata["input_seq"] == dead.input_seq and entry.metadata["attempt"] == 1
+    assert entry.created_at == clock.now
+    body = entry.to_json()
+    assert (body["input_seq"], body["attempt"]) == (1, 1)
+    assert await seqs(store, "s1") == [1, 2, 3]
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    assert await store.counts() == {"queued": 1, "running": 1}
+    assert await store.recover_expired() == []
+
+    await _assert_fenced(store, dead)
+    again = await claim_one(store)
+    assert (again.session_id, again.input_seq, again.attempt) == ("s1", 1, 2)
+    assert again.run_id != dead.run_id
+    assert await store.heartbeat(alive, 30)
+    await store.append(alive, [said("still here")])
+
+
+async def test_recover_does_not_touch_a_heartbeating_run(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "steady", None)
+    claim = await claim_one(store, lease_s=10)
+    for _ in range(5):
+        clock.advance(8)
+        assert await store.heartbeat(claim, 10)
+        assert await store.recover_expired() == []
+    await store.finish(claim, completed(), None)
+    clock.advance(100)
+    assert await store.recover_expired() == []
+
+
+# --- human input and cancel -----------------------------------------------------------------------
+async def test_user_input_request_and_take_answer(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "[[ask]]", None)
+    claim = await claim_one(store)
+    await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
+    assert await status(store, "s1") is SessionStatus.AWAITING_INPUT
+    assert await store.take_answer(claim) is None
+    assert await status(store, "s1") is SessionStatus.AWAITING_INPUT
+
+    answer = await store.enqueue(ALICE, "s1", "blue", None)
+    later = await store.enqueue(ALICE, "s1", "next question", None)
+    assert await status(store, "s1") is SessionStatus.AWAITING_INPUT
+    assert await store.take_answer(claim) == Answer(answer.seq, "blue")
+    assert await status(store, "s1") is SessionStatus.RUNNING
+    assert await store.counts() == {"queued": 1, "running": 1}
+    await store.finish(claim, completed(), None)
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    # The answer was consumed; the next claim is the message after it.
+    nxt = await claim_one(store)
+    assert (nxt.input_seq, nxt.content) == (later.seq, "next question")
+
+
+async def test_run_end_clears_awaiting_input(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "[[ask]]", None)
+    claim = await claim_one(store)
+    await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
+    await store.finish(claim, lifecycle(RUN_CANCELLED, "cancelled"), None)
+    assert await status(store, "s1") is SessionStatus.IDLE
+
+    await store.enqueue(ALICE, "s1", "[[ask]] again", None)
+    claim = await claim_one(store, lease_s=10)
+    await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
+    clock.advance(11)
+    assert len(await store.recover_expired()) == 1
+    assert await status(store, "s1") is SessionStatus.QUEUED
+
+
+async def test_request_cancel(store: Store) -> None:
+    assert not await store.request_cancel(ALICE, "nope")
+    await store.create_session(ALICE, "idle", "default", None)
+    assert not await store.request_cancel(ALICE, "idle")
+    await store.enqueue(ALICE, "s1", "one", None)
+    await store.enqueue(ALICE, "s1", "two", None)
+    assert not await store.request_cancel(ALICE, "s1")  # queued, nothing running yet
+    claim = await claim_one(store)
+    assert not await store.cancel_requested(claim)
+    assert not await store.request_cancel(BOB, "s1")
+    assert not await store.cancel_requested(claim)
+    assert await store.request_cancel(ALICE, "s1")
+    assert await store.cancel_requested(claim)
+    await store.finish(claim, lifecycle(RUN_CANCELLED, "cancelled"), None)
+    # The request belonged to that run only.
+    nxt = await claim_one(store)
+    assert not await store.cancel_requested(nxt)
+
+
+async def test_cancel_request_does_not_survive_a_retry(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store)
+    assert await store.request_cancel(ALICE, "s1")
+    await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    again = await claim_one(store)
+    assert not await store.cancel_requested(again)
+
+
+async def test_deleted_session_asks_its_run_to_stop(store: Store) -> None:
+    # Decision (the contract is silent): a run whose input is gone should stop, like a cancelled one.
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store)
+    assert await store.delete_session(ALICE, "s1")
+    assert await store.cancel_requested(claim)
+
+
+# --- owners ---------------------------------------------------------------------------------------
+async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
+    await store.create_session(ALICE, "s1", "default", "private")
+    await store.enqueue(ALICE, "s1", "secret", "m1")
+    claim = await claim_one(store)
+    assert await store.get_session(BOB, "s1") is None
+    assert await store.list_sessions(BOB) == []
+    assert not await store.delete_session(BOB, "s1")
+    with pytest.raises(NotFound):
+        await store.enqueue(BOB, "s1", "intrude", "m1")
+    assert not await store.request_cancel(BOB, "s1")
+    with pytest.raises(Conflict):
+        await store.create_session(BOB, "s1", "default", None)
+    # Nothing changed for the owner.
+    assert not await store.cancel_requested(claim)
+    assert await seqs(store, "s1") == [1]
+    assert await status(store, "s1") is SessionStatus.RUNNING
+    assert [s.session_id for s in await store.list_sessions(ALICE)] == ["s1"]
+
+
+# --- JSON shape -----------------------------------------------------------------------------------
+async def test_entry_json_shapes(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "hello", "c-1")
+    claim = await claim_one(store)
+    await store.append(claim, [started(claim)])
+    await store.retry(claim, failed(retrying=True), T0)
+    user, start, fail = (await store.read_log("s1")).messages
+    assert user.to_json() == {
+        "seq": 1,
+        "session_id": "s1",
+        "type": "TextMessage",
+        "source": "user",
+        "content": "hello",
+        "created_at": "2026-11-24T10:00:00.000Z",
+        "run_id": None,
+        "client_msg_id": "c-1",
+        "metadata": {},
+    }
+    body = start.to_json()
+    assert set(body) == ENTRY_KEYS | {"input_seq", "attempt"}
+    assert (body["type"], body["source"], body["run_id"]) == (RUN_STARTED, "system", claim.run_id)
+    assert (body["input_seq"], body["attempt"]) == (1, 1)
+    assert body["metadata"] == {"input_seq": 1, "attempt": 1}
+    body = fail.to_json()
+    assert (body["error"], body["retrying"]) == ("boom", True)
+    assert orjson.loads(orjson.dumps(body)) == body
+
+
+# --- durability -----------------------------------------------------------------------------------
+async def test_reopen_finds_everything(
+    store: Store, request: pytest.FixtureRequest, clock: FakeClock
+) -> None:
+    await store.create_session(ALICE, "a", "default", "kept")
+    await store.enqueue(ALICE, "a", "one", "c1")
+    done = await claim_one(store)
+    await store.append(done, [started(done), said("hi")])
+    await store.finish(done, completed(), {"memory": ["one"]})
+    await store.enqueue(BOB, "b", "bob's", None)
+    running = await claim_one(store, lease_s=10)
+    await store.enqueue(ALICE, "a", "two", "c2")
+    await store.set_cursor("a", "phone", 3)
+    sessions = {sid: await store.get_session(owner, sid) for owner, sid in ((ALICE, "a"), (BOB, "b"))}
+    logs = {sid: await log_json(store, sid) for sid in ("a", "b")}
+
+    async with reopened(store, request, clock) as again:
+        assert await again.ping()
+        assert {sid: await again.get_session(o, sid) for o, sid in ((ALICE, "a"), (BOB, "b"))} == sessions
+        assert {sid: await log_json(again, sid) for sid in ("a", "b")} == logs
+        assert await again.load_team_state("a") == {"memory": ["one"]}
+        assert await again.get_cursor("a", "phone") == 3
+        assert await again.counts() == {"queued": 1, "running": 1}
+        dup = await again.enqueue(ALICE, "a", "one", "c1")
+        assert (dup.duplicate, dup.seq) == (True, 1)
+        # The run that died with the old process is recovered and retried.
+        clock.advance(11)
+        [entry] = await again.recover_expired()
+        assert (entry.session_id, entry.run_id, entry.type) == ("b", running.run_id, RUN_INTERRUPTED)
+        first = await claim_one(again)
+        second = await claim_one(again)
+        assert {(c.session_id, c.input_seq, c.attempt) for c in (first, second)} == {("b", 1, 2), ("a", 5, 1)}
+        assert (await again.enqueue(ALICE, "a", "three", None)).seq == 6
