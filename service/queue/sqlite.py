@@ -1,0 +1,182 @@
+"""SqliteStore: the embedded default backend.
+
+One write connection driven by one writer task that group-commits (sqlite_writer.py), one read connection,
+WAL, ``synchronous=FULL`` by default (an acknowledged message survives power loss; NORMAL survives a process
+crash but may lose the last commits on power loss). The queue rules are SQL (sqlite_ops.py); this class is the
+async face of the Store contract (store.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+
+from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session, utcnow
+from service.queue import sqlite_ops as ops
+from service.queue.sqlite_conn import check_synchronous, connect, migrate, migrations_pending
+from service.queue.sqlite_writer import Reader, Writer
+from service.queue.store import Clock, CommitListener
+
+
+class SqliteStore:
+    dialect: ClassVar[str] = "sqlite"
+
+    def __init__(self, path: str, *, synchronous: str = "FULL", clock: Clock = utcnow) -> None:
+        self.path = path
+        self.synchronous = check_synchronous(synchronous)
+        self.clock = clock
+        self._writer = Writer("sqlite-writer", path)
+        self._reader = Reader("sqlite-reader", path)
+        # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
+        # a commit that lands after a claim found nothing is never missed by the next wait_for_work.
+        self._work = asyncio.Event()
+        self._opened = False
+        self._closed = False
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (group commit makes this far smaller than the writes)."""
+        return self._writer.commits
+
+    async def open(self) -> None:
+        writer = await self._writer.open(
+            lambda: connect(self.path, synchronous=self.synchronous, writer=True)
+        )
+        try:
+            await self._writer.call(migrate, writer)
+            await self._reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
+        except BaseException:
+            await self._writer.close()
+            await self._reader.close()
+            raise
+        self._writer.start()
+        self._opened = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._writer.close()
+        await self._reader.close()
+
+    async def ping(self) -> bool:
+        try:
+            return not await self._reader.read(migrations_pending)
+        except Exception:
+            return False
+
+    # --- sessions, log, cursors ---
+    async def create_session(
+        self, owner: str, session_id: str | None, team: str, title: str | None
+    ) -> Session:
+        now = self.clock()
+        return await self._writer.write(lambda c: ops.create_session(c, now, owner, session_id, team, title))
+
+    async def get_session(self, owner: str, session_id: str) -> Session | None:
+        return await self._reader.read(lambda c: ops.owned(c, owner, session_id))
+
+    async def list_sessions(self, owner: str) -> list[Session]:
+        return await self._reader.read(lambda c: ops.list_sessions(c, owner))
+
+    async def delete_session(self, owner: str, session_id: str) -> bool:
+        return await self._writer.write(lambda c: ops.delete_session(c, owner, session_id))
+
+    async def read_log(
+        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = 100
+    ) -> Page:
+        return await self._reader.read(lambda c: ops.read_log(c, session_id, after, before, limit))
+
+    async def get_cursor(self, session_id: str, client_id: str) -> int | None:
+        return await self._reader.read(lambda c: ops.get_cursor(c, session_id, client_id))
+
+    async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
+        return await self._writer.write(lambda c: ops.set_cursor(c, session_id, client_id, seq))
+
+    # --- queue ---
+    async def enqueue(
+        self,
+        owner: str,
+        session_id: str,
+        content: str,
+        client_msg_id: str | None,
+        *,
+        team: str = "default",
+        max_queued: int | None = None,
+    ) -> Enqueued:
+        now = self.clock()
+        done = await self._writer.write(
+            lambda c: ops.enqueue(c, now, owner, session_id, content, client_msg_id, team, max_queued)
+        )
+        if not done.duplicate:
+            self._work.set()
+        return done
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        # The timeout is also the fallback for work this process cannot see coming: another process's enqueue,
+        # or a retry's not_before passing.
+        if not self._work.is_set():
+            now = self.clock()
+            if await self._reader.read(lambda c: ops.has_claimable(c, now)):
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout_s)
+
+    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+        self._work.clear()
+        now = self.clock()
+        return await self._writer.write(lambda c: ops.claim(c, now, worker_id, lease_s))
+
+    async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
+        now = self.clock()
+        return await self._writer.write(lambda c: ops.append(c, now, claim, entries))
+
+    async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
+        now = self.clock()
+        return await self._writer.write(lambda c: ops.heartbeat(c, now, claim, lease_s))
+
+    async def cancel_requested(self, claim: Claim) -> bool:
+        return await self._reader.read(lambda c: ops.cancel_requested(c, claim))
+
+    async def take_answer(self, claim: Claim) -> Answer | None:
+        now = self.clock()
+        return await self._writer.write(lambda c: ops.take_answer(c, now, claim))
+
+    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+        now = self.clock()
+        done = await self._writer.write(lambda c: ops.finish(c, now, claim, entry, team_state))
+        self._work.set()  # the session's next input (if any) just became claimable
+        return done
+
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+        now = self.clock()
+        done = await self._writer.write(lambda c: ops.requeue(c, now, claim, entry, not_before))
+        self._work.set()
+        return done
+
+    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+        now = self.clock()
+        done = await self._writer.write(lambda c: ops.requeue(c, now, claim, entry, now))
+        self._work.set()
+        return done
+
+    async def recover_expired(self) -> list[Entry]:
+        now = self.clock()
+        recovered = await self._writer.write(lambda c: ops.recover_expired(c, now))
+        if recovered:
+            self._work.set()
+        return recovered
+
+    async def request_cancel(self, owner: str, session_id: str) -> bool:
+        return await self._writer.write(lambda c: ops.request_cancel(c, owner, session_id))
+
+    async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
+        return await self._reader.read(lambda c: ops.load_team_state(c, session_id))
+
+    async def counts(self) -> dict[str, int]:
+        return await self._reader.read(ops.counts)
+
+    async def listen(self, listener: CommitListener) -> None:
+        """One process per SQLite file is the supported shape: nothing to listen to."""

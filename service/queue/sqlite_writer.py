@@ -1,0 +1,216 @@
+"""The SQLite store's two threads: ONE writer that group-commits, and a reader.
+
+Why threads and plain sqlite3 instead of aiosqlite: aiosqlite hops threads once per statement, and an enqueue
+is five statements. Measured on this machine (4,000 enqueue-shaped jobs, synchronous=FULL, WAL): one commit
+per job 3,758 jobs/s with sqlite3 in a thread vs 1,177 with aiosqlite; 64 jobs per commit 68,226 vs 2,164.
+Here a whole batch of jobs is ONE hop to the writer thread.
+
+Group commit: the writer task takes every write job waiting in its queue, runs them in one ``BEGIN IMMEDIATE
+... COMMIT`` (each job inside its own SAVEPOINT, so a job that raises rolls back alone), and only after the
+COMMIT resolves the callers' futures. A failed COMMIT fails every job of the batch: nothing is acknowledged
+that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from service.errors import ServiceError, StoreUnavailable
+from service.queue.sqlite_conn import translate
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], Any]
+MAX_BATCH = 512  # bounds how long one transaction holds the write lock (and the latency of its first caller)
+
+
+@dataclass(slots=True)
+class _Pending:
+    job: Job
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    ok: bool
+    value: Any
+
+
+class Thread:
+    """One connection confined to one dedicated thread."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.conn: sqlite3.Connection | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self, factory: Callable[[], sqlite3.Connection]) -> sqlite3.Connection:
+        self.conn = await self.call(factory)
+        return self.conn
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await self.call(conn.close)
+        self._executor.shutdown(wait=True)
+
+
+class Reader(Thread):
+    async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job`` in one read transaction (a consistent WAL snapshot)."""
+        conn = self.conn
+        if conn is None:
+            raise StoreUnavailable("the store is closed")
+        return await self.call(_read, conn, job, self.path)
+
+
+def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Connection], T], path: str) -> T:
+    try:
+        conn.execute("BEGIN")
+        try:
+            return job(conn)
+        finally:
+            conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+
+
+class Writer(Thread):
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(name, path)
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0  # transactions committed: group commit makes this much smaller than the jobs run
+        self.jobs = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="sqlite-writer")
+
+    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job`` in the next group commit; returns once that commit is durable."""
+        if self._closing or self.conn is None:
+            raise StoreUnavailable("the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(job, future))
+        return await future
+
+    async def close(self) -> None:
+        """Stop taking jobs, commit (or fail) those already queued, then close the connection."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+        await super().close()
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch: list[_Pending] = [] if first is None else [first]
+            stop = first is None
+            while not stop and len(batch) < MAX_BATCH and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                await self._run(batch)
+            if stop:
+                return
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            outcomes, committed = await self.call(_commit_batch, conn, [p.job for p in batch], self.path)
+        except BaseException as exc:
+            # The writer was cancelled or its thread failed: the outcome is unknown, so nobody is told their
+            # write happened (a client retrying with its client_msg_id is deduplicated if it did).
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(StoreUnavailable(f"SQLite writer stopped: {exc!r}"))
+            raise
+        if committed:
+            self.commits += 1
+        self.jobs += len(batch)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():  # the caller was cancelled; its job may still have committed
+                continue
+            if outcome.ok:
+                pending.future.set_result(outcome.value)
+            else:
+                pending.future.set_exception(outcome.value)
+
+
+def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple[list[_Outcome], bool]:
+    """Runs on the writer thread: all jobs in one transaction, one SAVEPOINT each."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: list[_Outcome] = []
+        for job in jobs:
+            outcome = _run_job(conn, job, path)
+            if outcome is None:  # the transaction itself is gone: every job of the batch fails, none is acked
+                _rollback(conn)
+                return _all_failed(len(jobs), path, None), False
+            outcomes.append(outcome)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        _rollback(conn)
+        return _all_failed(len(jobs), path, exc), False
+    return outcomes, True
+
+
+def _run_job(conn: sqlite3.Connection, job: Job, path: str) -> _Outcome | None:
+    conn.execute("SAVEPOINT job")
+    try:
+        value = job(conn)
+    except Exception as exc:
+        # Domain errors (Conflict, QueueFull, LeaseLost, NotFound), constraint errors, bugs: this job only.
+        error: BaseException = exc
+        if isinstance(exc, sqlite3.Error):
+            error = translate(exc, path)
+            error.__cause__ = exc
+        if not conn.in_transaction:
+            return None
+        try:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+        except sqlite3.Error:
+            return None
+        return _Outcome(False, error)
+    conn.execute("RELEASE job")
+    return _Outcome(True, value)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        # SQLite may already have rolled back by itself (disk full, I/O error).
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _all_failed(count: int, path: str, exc: sqlite3.Error | None) -> list[_Outcome]:
+    """One fresh error per job (each caller gets its own traceback), all ``from`` the driver error."""
+    outcomes = []
+    for _ in range(count):
+        error: ServiceError
+        if exc is None:
+            error = StoreUnavailable(
+                f"SQLite lost the transaction on {path}; nothing of this batch was stored"
+            )
+        else:
+            error = translate(exc, path)
+            error.__cause__ = exc
+        outcomes.append(_Outcome(False, error))
+    return outcomes
