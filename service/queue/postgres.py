@@ -1,0 +1,237 @@
+"""PostgresStore: the Store contract (store.py) on PostgreSQL, for several service instances on one database.
+
+* Seqs: ``UPDATE sessions SET last_seq = last_seq + n RETURNING last_seq`` inside the writing transaction; the
+  session row lock serialises the writers of one session. Every log/queue write locks the session row first
+  (then input rows), so there is one lock order and no deadlock.
+* Claim: the per-session FIFO rule is a WHERE clause; the chosen session's row is then locked with
+  ``FOR UPDATE SKIP LOCKED`` and the rule re-checked under that lock, so two claimers (in any processes) never
+  run two inputs of one session, and a busy session never blocks a claimer.
+* Leases fence writes in SQL (``FENCE``). All times come from the injected clock, never ``now()``.
+* After each commit that appends entries: ``pg_notify('service_log', '<session_id> <last_seq> <instance>')``;
+  after one that makes work claimable or asks for a cancel: ``pg_notify('service_work', ...)``; the
+  listening side is postgres_notify.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+from service.errors import LeaseLost, NotFound, QueueFull
+from service.models import (
+    RUN_FAILED,
+    USER_INPUT_REQUESTED,
+    Answer,
+    Claim,
+    Enqueued,
+    Entry,
+    NewEntry,
+    SessionStatus,
+    interrupted,
+)
+from service.queue import postgres_sql as q
+from service.queue.postgres_base import PostgresBase
+
+_CLAIM_BATCH = 16
+
+
+class PostgresStore(PostgresBase):
+    dialect: ClassVar[str] = "postgresql"
+
+    # --- queue ----------------------------------------------------------------------------------------------
+    async def enqueue(
+        self,
+        owner: str,
+        session_id: str,
+        content: str,
+        client_msg_id: str | None,
+        *,
+        team: str = "default",
+        max_queued: int | None = None,
+    ) -> Enqueued:
+        now = self._clock()
+        async with self._tx() as conn:
+            await conn.execute(q.INSERT_SESSION, session_id, owner, team, None, now)
+            session = await conn.fetchrow(q.LOCK_SESSION, session_id)
+            if session is None or session["owner"] != owner:  # None: deleted between the two statements
+                raise NotFound(f"session {session_id!r} not found")
+            if client_msg_id is not None:
+                seq = await conn.fetchval(q.FIND_CLIENT_MSG, session_id, client_msg_id)
+                if seq is not None:
+                    return Enqueued(session_id, seq, client_msg_id, True, None)
+            if (
+                max_queued is not None
+                and await conn.fetchval(q.COUNT_QUEUED_IN_SESSION, session_id) >= max_queued
+            ):
+                raise QueueFull()
+            busy = session["status"] in (SessionStatus.RUNNING.value, SessionStatus.AWAITING_INPUT.value)
+            user_msg = NewEntry(type="TextMessage", source="user", content=content)
+            status = None if busy else SessionStatus.QUEUED
+            [entry] = await self._append(
+                conn, session_id, [user_msg], now=now, run_id=None, client_msg_id=client_msg_id, status=status
+            )
+            await conn.execute(q.INSERT_INPUT, session_id, entry.seq, content, now)
+            await self._notify(conn, q.WORK_CHANNEL, session_id)
+        self.notifier.wake_work()
+        return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        await self.notifier.wait_for_work(timeout_s)
+
+    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+        now = self._clock()
+        skipped: list[str] = []  # sessions another transaction holds right now
+        while True:
+            async with self._conn() as conn:
+                candidates = [
+                    r["session_id"] for r in await conn.fetch(q.CLAIMABLE, now, skipped, _CLAIM_BATCH)
+                ]
+            if not candidates:
+                return None
+            for session_id in dict.fromkeys(candidates):
+                claim = await self._claim_in(session_id, worker_id, lease_s, now)
+                if claim is not None:
+                    return claim
+                skipped.append(session_id)
+
+    async def _claim_in(self, session_id: str, worker_id: str, lease_s: float, now: datetime) -> Claim | None:
+        async with self._tx() as conn:
+            if await conn.fetchval(q.LOCK_SESSION_NOWAIT, session_id) is None:
+                return None
+            input_id = await conn.fetchval(q.SESSION_HEAD, session_id, now)  # the rule, under the lock
+            if input_id is None:
+                return None
+            run_id, token = "r_" + secrets.token_hex(8), secrets.token_hex(16)
+            expires = now + timedelta(seconds=lease_s)
+            row = await conn.fetchrow(q.TAKE_INPUT, input_id, token, expires, worker_id, run_id)
+            await conn.execute(q.SET_STATUS, session_id, SessionStatus.RUNNING.value, now)
+        return Claim(
+            input_id=row["id"],
+            session_id=row["session_id"],
+            owner=row["owner"],
+            team=row["team"],
+            input_seq=row["input_seq"],
+            content=row["content"],
+            attempt=row["attempt"],
+            run_id=run_id,
+            lease_token=token,
+            worker_id=worker_id,
+        )
+
+    @asynccontextmanager
+    async def _fenced(self, claim: Claim) -> AsyncIterator[Any]:
+        """A transaction holding the session lock, in which ``claim`` still owns its input."""
+        async with self._tx() as conn:
+            await conn.fetchrow(q.LOCK_SESSION, claim.session_id)
+            if await conn.fetchval(q.FENCE, claim.input_id, claim.lease_token) is None:
+                raise LeaseLost()
+            yield conn
+
+    async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
+        asks = any(e.type == USER_INPUT_REQUESTED for e in entries)
+        async with self._fenced(claim) as conn:
+            return await self._append(
+                conn,
+                claim.session_id,
+                entries,
+                now=self._clock(),
+                run_id=claim.run_id,
+                status=SessionStatus.AWAITING_INPUT if asks else None,
+            )
+
+    async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
+        expires = self._clock() + timedelta(seconds=lease_s)
+        async with self._tx() as conn:
+            return await conn.fetchval(q.HEARTBEAT, claim.input_id, claim.lease_token, expires) is not None
+
+    async def cancel_requested(self, claim: Claim) -> bool:
+        async with self._conn() as conn:
+            flag = await conn.fetchval(q.CANCEL_FLAG, claim.input_id, claim.lease_token)
+        # Fenced (recovered, finished or deleted): the run can no longer write, so it should stop too.
+        return True if flag is None else bool(flag)
+
+    async def take_answer(self, claim: Claim) -> Answer | None:
+        async with self._fenced(claim) as conn:
+            row = await conn.fetchrow(q.OLDEST_QUEUED, claim.session_id)
+            if row is None:
+                return None
+            await conn.execute(q.MARK_DONE, row["id"])
+            await conn.execute(q.SET_STATUS, claim.session_id, SessionStatus.RUNNING.value, self._clock())
+        return Answer(seq=row["input_seq"], content=row["content"])
+
+    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+        async with self._fenced(claim) as conn:
+            await conn.execute(q.MARK_DONE, claim.input_id)
+            more = bool(await conn.fetchval(q.HAS_QUEUED, claim.session_id))
+            failed = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
+            status = SessionStatus.QUEUED if more else failed
+            [done] = await self._append(
+                conn, claim.session_id, [entry], now=self._clock(), run_id=claim.run_id, status=status
+            )
+            if team_state is not None:
+                await conn.execute(q.SAVE_STATE, claim.session_id, team_state)
+            if more:
+                await self._notify(conn, q.WORK_CHANNEL, claim.session_id)
+        if more:
+            self.notifier.wake_work()
+        return done
+
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+        return await self._requeue(claim, entry, not_before)
+
+    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+        return await self._requeue(claim, entry, self._clock())
+
+    async def _requeue(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+        async with self._fenced(claim) as conn:
+            await conn.execute(q.REQUEUE, claim.input_id, not_before)
+            [done] = await self._append(
+                conn,
+                claim.session_id,
+                [entry],
+                now=self._clock(),
+                run_id=claim.run_id,
+                status=SessionStatus.QUEUED,
+            )
+            await self._notify(conn, q.WORK_CHANNEL, claim.session_id)
+        self.notifier.wake_work()
+        return done
+
+    async def recover_expired(self) -> list[Entry]:
+        now = self._clock()
+        async with self._conn() as conn:
+            sessions = [r["session_id"] for r in await conn.fetch(q.EXPIRED, now)]
+        recovered: list[Entry] = []
+        for session_id in dict.fromkeys(sessions):
+            # One transaction per session: the condition is re-checked under its lock, so two instances
+            # recovering at once interrupt each run once.
+            async with self._tx() as conn:
+                await conn.fetchrow(q.LOCK_SESSION, session_id)
+                row = await conn.fetchrow(q.REQUEUE_EXPIRED, session_id, now)
+                if row is None:
+                    continue
+                note = interrupted(row["input_seq"], row["attempt"])
+                recovered += await self._append(
+                    conn, session_id, [note], now=now, run_id=row["run_id"], status=SessionStatus.QUEUED
+                )
+                await self._notify(conn, q.WORK_CHANNEL, session_id)
+        if recovered:
+            self.notifier.wake_work()
+        return recovered
+
+    async def request_cancel(self, owner: str, session_id: str) -> bool:
+        async with self._tx() as conn:
+            found = await conn.fetchval(q.REQUEST_CANCEL, session_id, owner) is not None
+            if found:
+                await self._notify(conn, q.WORK_CHANNEL, session_id)
+        if found:
+            self.notifier.wake_work()
+        return found
+
+    async def counts(self) -> dict[str, int]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(q.COUNTS)
+        return {"queued": 0, "running": 0} | {r["status"]: int(r["n"]) for r in rows}
