@@ -30,13 +30,19 @@ class Book:
         self.done = 0
 
 
-async def produce(store: Store, book: Book, rounds: range) -> None:
-    for n in rounds:
-        for s in range(SESSIONS):
-            sid = f"s{s:02d}"
-            result = await store.enqueue(OWNER, sid, f"{sid} input {n}", f"{sid}-{n}")
-            book.enqueued[sid].append(result.seq)
-            await asyncio.sleep(0)  # interleave with the claimers
+async def produce(store: Store, book: Book, rounds: range, *, by_session: bool) -> None:
+    """Enqueue ``rounds`` inputs per session: each session's in a row (so the oldest queued inputs belong to
+    one session and a claimer must skip them), or round-robin over the sessions."""
+    pairs = (
+        [(s, n) for s in range(SESSIONS) for n in rounds]
+        if by_session
+        else [(s, n) for n in rounds for s in range(SESSIONS)]
+    )
+    for s, n in pairs:
+        sid = f"s{s:02d}"
+        result = await store.enqueue(OWNER, sid, f"{sid} input {n}", f"{sid}-{n}")
+        book.enqueued[sid].append(result.seq)
+        await asyncio.sleep(0)  # interleave with the claimers
 
 
 async def claimer(store: Store, book: Book, name: str, total: int) -> None:
@@ -53,7 +59,7 @@ async def claimer(store: Store, book: Book, name: str, total: int) -> None:
         await store.append(claim, [lifecycle(RUN_STARTED, "started", input_seq=claim.input_seq)])
         await asyncio.sleep(0)  # give others the chance to misbehave while this run is live
         await store.append(claim, [NewEntry("TextMessage", "assistant", f"echo {claim.content}")])
-        del book.running[claim.session_id]
+        book.running.pop(claim.session_id, None)
         await store.finish(claim, lifecycle(RUN_COMPLETED, "completed"), {"last": claim.input_seq})
         book.done += 1
 
@@ -62,10 +68,10 @@ async def test_concurrent_claimers_and_producers(store: Store) -> None:
     book = Book()
     half = INPUTS_PER_SESSION // 2
     total = SESSIONS * INPUTS_PER_SESSION
-    await produce(store, book, range(half))
+    await produce(store, book, range(half), by_session=True)
     async with asyncio.timeout(45):
         await asyncio.gather(
-            produce(store, book, range(half, INPUTS_PER_SESSION)),
+            produce(store, book, range(half, INPUTS_PER_SESSION), by_session=False),
             *(claimer(store, book, f"w{i}", total) for i in range(CLAIMERS)),
         )
 
