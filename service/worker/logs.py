@@ -1,0 +1,61 @@
+"""Quiet logs: AutoGen's runtime tracebacks are demoted; error texts are one line and secret-free."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+
+MAX_ERROR_CHARS = 300
+_SECRET_NAME = re.compile(r"(API_KEY|SECRET|TOKEN|PASSWORD)$", re.IGNORECASE)
+_RUNTIME_LOGGERS = ("autogen_core",)
+
+
+class DemoteRuntimeTracebacks(logging.Filter):
+    """The AutoGen runtime logs an ERROR with a traceback ("Error processing publish message ...") whenever
+    an agent handler raises, which includes every cancellation. The runner logs what happened in one line, so
+    these become DEBUG records (there for whoever turns debug logging on); cancellations are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.getMessage().startswith("Error processing publish"):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_FILTER = DemoteRuntimeTracebacks()
+
+
+def install_log_filters() -> None:
+    """Idempotent: add the filter to AutoGen's runtime logger(s)."""
+    for name in _RUNTIME_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
+def secrets_in_env() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
+
+
+def redact(text: str) -> str:
+    for secret in secrets_in_env():
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for users and logs: ``Type: message``. AutoGen re-raises agent errors as a RuntimeError whose
+    text is ``Type: message`` followed by ``Traceback:`` and the whole traceback; keep the first line."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and "\nTraceback:" in text:
+        line = text.split("\nTraceback:", 1)[0].strip().splitlines()[0]
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    line = redact(line)
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."

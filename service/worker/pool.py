@@ -1,0 +1,281 @@
+"""WorkerPool: up to ``workers`` runs at once, a claim loop, heartbeat and lease-recovery side tasks,
+graceful stop, and ``run_until_idle()`` for deterministic tests (arq's burst mode).
+
+Side tasks: the claim loop wakes on ``store.wait_for_work``; the heartbeat extends every running lease and
+polls ``store.cancel_requested`` (so a cancel asked in another process arrives); recovery re-queues inputs whose
+lease expired (a dead process) at start and every lease period. A side task that dies unexpectedly marks the pool
+failed (``pool.failed``, for readiness) and stops it claiming; it is logged loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from service.errors import StoreUnavailable
+from service.hub import Hub
+from service.models import utcnow
+from service.queue.retry import RetryPolicy
+from service.queue.store import Clock, Store
+from service.worker.logs import error_line, install_log_filters
+from service.worker.runner import Run, RunDeps, StopReason
+from service.worker.teams import TeamRegistry
+
+log = logging.getLogger(__name__)
+DEFAULT_RETRY = RetryPolicy()
+
+
+class PoolMetrics(Protocol):
+    """What the pool reports; the web layer backs it with prometheus-client."""
+
+    def run_started(self, team: str) -> None: ...
+
+    def run_ended(self, team: str, outcome: str, duration_s: float) -> None: ...
+
+
+@dataclass
+class PoolStats:
+    """Counters since the pool was made (also handy in tests)."""
+
+    runs_started: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    interrupted: int = 0
+    lease_lost: int = 0
+    crashed: int = 0  # the run raised (a store error): its lease expires and recovery re-queues it
+    durations_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def count(self, outcome: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        teams: TeamRegistry,
+        *,
+        workers: int = 4,
+        lease_s: float = 30.0,
+        heartbeat_s: float = 5.0,
+        poll_interval_s: float = 1.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        grace_s: float = 10.0,
+        worker_id: str | None = None,
+        clock: Clock = utcnow,
+        metrics: PoolMetrics | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.store, self.hub, self.teams = store, hub, teams
+        self.workers, self.lease_s, self.heartbeat_s, self.grace_s = workers, lease_s, heartbeat_s, grace_s
+        self.worker_id = worker_id or f"w_{uuid.uuid4().hex[:12]}"
+        self.metrics = metrics
+        self.stats = PoolStats()
+        self.failed: BaseException | None = None
+        self._deps = RunDeps(store, hub, teams, retry, clock, poll_interval_s)
+        self._poll_interval_s = poll_interval_s
+        self._runs: dict[str, tuple[Run, asyncio.Task[None]]] = {}
+        self._side_tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._changes = 0
+        self._changed = asyncio.Event()
+        install_log_filters()
+
+    # --- public ---------------------------------------------------------------------------------------------
+    def running_count(self) -> int:
+        return len(self._runs)
+
+    def cancel(self, session_id: str) -> bool:
+        """Cancel the session's run in this process now. False when none runs here."""
+        entry = self._runs.get(session_id)
+        if entry is None:
+            return False
+        entry[0].stop(StopReason.CANCEL)
+        return True
+
+    async def start(self) -> None:
+        """Recover expired leases, then claim and run in the background until ``stop()``."""
+        await self._recover()
+        for name, coro in (("claim", self._claim_loop), ("heartbeat", self._heartbeat_loop)):
+            self._side_tasks.append(asyncio.create_task(self._guard(name, coro), name=f"pool-{name}"))
+        self._side_tasks.append(
+            asyncio.create_task(self._guard("recovery", self._recovery_loop), name="pool-rec")
+        )
+        log.info("worker pool %s started: %d workers", self.worker_id, self.workers)
+
+    async def stop(self) -> None:
+        """Stop claiming, let runs finish for ``grace_s``, then interrupt the rest (back to the queue)."""
+        self._stopping = True
+        for task in self._side_tasks:
+            task.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        self._side_tasks.clear()
+        tasks = [task for _, task in self._runs.values()]
+        if tasks and self.grace_s > 0:
+            await asyncio.wait(tasks, timeout=self.grace_s)
+        left = list(self._runs.values())
+        for run, _ in left:
+            run.stop(StopReason.INTERRUPT)
+        if left:
+            log.info("worker pool %s: interrupting %d unfinished run(s)", self.worker_id, len(left))
+            await asyncio.gather(*(task for _, task in left), return_exceptions=True)
+        log.info("worker pool %s stopped", self.worker_id)
+
+    async def run_until_idle(self) -> None:
+        """Claim and run until nothing is claimable and every run left (if any) waits for human input."""
+        while True:
+            self._raise_if_failed()
+            if await self._fill_slots():
+                continue
+            runs = [run for run, _ in self._runs.values()]
+            if not runs:
+                return
+            if all(run.waiting_for_input for run in runs):
+                # Make every waiting run look for its answer once more; idle only if none found one.
+                generations = {id(run): run.input_generation for run in runs}
+                for run in runs:
+                    run.poke()
+                await self._wait_until(partial(_rechecked, runs, generations))
+                if all(not r.done and r.waiting_for_input for r in runs) and not await self._fill_slots():
+                    return
+            else:
+                await self._wait_until(partial(self._changed_since, self._changes))
+
+    # --- runs -----------------------------------------------------------------------------------------------
+    async def _fill_slots(self) -> int:
+        """Claim while slots are free; the number of runs started."""
+        started = 0
+        while not self._stopping and len(self._runs) < self.workers:
+            claim = await self.store.claim(self.worker_id, self.lease_s)
+            if claim is None:
+                break
+            run = Run(claim, self._deps, self._notify)
+            task = asyncio.create_task(self._run(run), name=f"run-{claim.run_id}")
+            self._runs[claim.session_id] = (run, task)
+            started += 1
+        return started
+
+    async def _run(self, run: Run) -> None:
+        team, began = run.claim.team, time.monotonic()
+        self.stats.runs_started += 1
+        if self.metrics is not None:
+            self.metrics.run_started(team)
+        outcome = "crashed"
+        try:
+            outcome = (await run.execute()).value
+            log.info("%s: %s in %.2fs", run.describe(), outcome, time.monotonic() - began)
+        except Exception as exc:
+            log.error(
+                "%s crashed (its lease will expire and it will be retried): %s",
+                run.describe(),
+                error_line(exc),
+            )
+        finally:
+            self._runs.pop(run.claim.session_id, None)
+            duration_s = time.monotonic() - began
+            self.stats.count(outcome)
+            self.stats.durations_s.append(duration_s)
+            if self.metrics is not None:
+                self.metrics.run_ended(team, outcome, duration_s)
+            self._notify()
+
+    def _changed_since(self, changes: int) -> bool:
+        return self._changes > changes
+
+    def _notify(self) -> None:
+        self._changes += 1
+        self._changed.set()
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        while True:
+            self._changed.clear()
+            if condition():
+                return
+            await self._changed.wait()
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.failed is not None:
+            raise RuntimeError(f"the worker pool failed: {error_line(self.failed)}") from self.failed
+
+    # --- side tasks -----------------------------------------------------------------------------------------
+    async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.failed = exc
+            self._stopping = True
+            log.critical(
+                "worker pool %s: the %s task died, the pool stops claiming: %s",
+                self.worker_id,
+                name,
+                error_line(exc),
+                exc_info=exc,
+            )
+            self._notify()
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            try:
+                started = await self._fill_slots()
+            except StoreUnavailable as exc:
+                log.warning("claim failed, retrying in %.1fs: %s", self._poll_interval_s, exc.message)
+                await asyncio.sleep(self._poll_interval_s)
+                continue
+            if started:
+                continue
+            if len(self._runs) >= self.workers:
+                # Every slot is busy: wait for a run to end.
+                await self._wait_until(partial(self._changed_since, self._changes))
+            else:
+                await self.store.wait_for_work(self._poll_interval_s)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            runs = [run for run, _ in self._runs.values() if not run.done]
+            results = await asyncio.gather(*(self._beat(run) for run in runs), return_exceptions=True)
+            for run, result in zip(runs, results, strict=True):
+                if isinstance(result, StoreUnavailable):
+                    log.warning("%s: heartbeat failed: %s", run.describe(), result.message)
+                elif isinstance(result, BaseException):
+                    raise result
+
+    async def _beat(self, run: Run) -> None:
+        if not await self.store.heartbeat(run.claim, self.lease_s):
+            run.stop(StopReason.LEASE_LOST)
+        elif await self.store.cancel_requested(run.claim):
+            run.stop(StopReason.CANCEL)
+
+    async def _recovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s)
+            try:
+                await self._recover()
+            except StoreUnavailable as exc:
+                log.warning("lease recovery failed: %s", exc.message)
+
+    async def _recover(self) -> None:
+        entries = await self.store.recover_expired()
+        for entry in entries:
+            self.hub.publish(entry.session_id, [entry])
+        if entries:
+            log.info("re-queued %d input(s) whose lease had expired", len(entries))
+
+
+def _rechecked(runs: list[Run], generations: dict[int, int]) -> bool:
+    """Every run ended, or looked for its answer again since ``generations`` was taken."""
+    return all(r.done or r.input_generation > generations[id(r)] for r in runs)

@@ -1,0 +1,313 @@
+"""One claim = one run: build a fresh team, load its state, stream the run into the log, finish, save state.
+
+Every durable entry is appended (committed) before it is published to the hub; streaming chunks go out live
+only. The run stops through its CancellationToken only (AUTOGEN.md 5: nothing else stops model spending), for
+one of three reasons: the user cancelled, the pool is shutting down (the input goes back to the queue), or the
+lease was lost (another worker owns the input now: write nothing more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autogen_agentchat.agents import UserProxyAgent
+from autogen_agentchat.base import TaskResult, Team
+from autogen_agentchat.messages import (
+    BaseChatMessage,
+    ModelClientStreamingChunkEvent,
+    UserInputRequestedEvent,
+)
+from autogen_core import CancellationToken
+
+from service.errors import LeaseLost
+from service.hub import Hub
+from service.models import (
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_STARTED,
+    Claim,
+    Entry,
+    NewEntry,
+    interrupted,
+    lifecycle,
+)
+from service.queue.retry import RetryPolicy
+from service.queue.store import Clock, Store
+from service.worker.logs import error_line
+from service.worker.messages import chunk_frame, to_entry
+from service.worker.teams import TeamConfigError, TeamRegistry
+
+log = logging.getLogger(__name__)
+
+# A waiting input_func re-checks for an answer at most this often when wake-ups come in fast (other sessions'
+# work also wakes ``wait_for_work``).
+MIN_ANSWER_RECHECK_S = 0.05
+
+
+class StopReason(enum.Enum):
+    CANCEL = "cancel"  # the user asked: run_cancelled
+    INTERRUPT = "interrupt"  # shutdown: run_interrupted, the input is queued again
+    LEASE_LOST = "lease_lost"  # fenced: write nothing
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRIED = "retried"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class RunDeps:
+    store: Store
+    hub: Hub
+    teams: TeamRegistry
+    retry: RetryPolicy
+    clock: Clock
+    poll_interval_s: float
+
+
+def prepare_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Every run answers a new user input, so a round-robin team starts it with its first participant.
+    (AutoGen would continue the rotation, which after a normal turn hands the new input to the user proxy.)"""
+    agents = {
+        name: {**agent, "next_speaker_index": 0}
+        if isinstance(agent, dict) and "next_speaker_index" in agent
+        else agent
+        for name, agent in dict(state.get("agent_states", {})).items()
+    }
+    return {**state, "agent_states": agents}
+
+
+def user_proxies(team: Team) -> list[UserProxyAgent]:
+    """The team's UserProxyAgents, nested teams included."""
+    found: list[UserProxyAgent] = []
+    for participant in getattr(team, "_participants", []):
+        if isinstance(participant, UserProxyAgent):
+            found.append(participant)
+        elif isinstance(participant, Team):
+            found.extend(user_proxies(participant))
+    return found
+
+
+class Run:
+    """One claimed input, run once. ``execute()`` never raises for run errors; only store failures escape."""
+
+    def __init__(self, claim: Claim, deps: RunDeps, on_change: Callable[[], None] = lambda: None) -> None:
+        self.claim = claim
+        self.deps = deps
+        self.token = CancellationToken()
+        self.stop_reason: StopReason | None = None
+        self.waiting_for_input = False
+        self.input_generation = 0  # +1 every time the input_func finds no answer and waits
+        self.done = False
+        self._poke = asyncio.Event()
+        self._on_change = on_change
+        self._proxy_names: frozenset[str] = frozenset()
+        # Request ids of the UserInputRequestedEvents already in the log: an answer is taken only after its
+        # question is durable (else the log would show the answer first, and the session stay awaiting_input).
+        self._asked: set[str] = set()
+        self._asked_changed = asyncio.Event()
+
+    def stop(self, reason: StopReason) -> None:
+        """Stop the run (idempotent; the first reason wins)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.token.cancel()
+
+    def poke(self) -> None:
+        """Make a waiting input_func look for an answer now (deterministic tests, shutdown)."""
+        self._poke.set()
+
+    def describe(self) -> str:
+        c = self.claim
+        return f"run {c.run_id} (session {c.session_id}, input {c.input_seq}, attempt {c.attempt})"
+
+    async def execute(self) -> Outcome:
+        try:
+            return await self._execute()
+        except LeaseLost:
+            self.stop(StopReason.LEASE_LOST)
+            log.warning("%s: lease lost, stopped without writing", self.describe())
+            return Outcome.LEASE_LOST
+        finally:
+            self.done = True
+            self.waiting_for_input = False
+            self._on_change()
+
+    async def _execute(self) -> Outcome:
+        try:
+            team = await self._build()
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            return await self._failed(exc, final=isinstance(exc, TeamConfigError))
+        await self._append([lifecycle(RUN_STARTED, self._started_text(), **self._details())])
+        try:
+            result = await self._stream(team)
+        except LeaseLost:
+            raise
+        except (asyncio.CancelledError, Exception) as exc:
+            if self.stop_reason is None:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise  # our own task was cancelled, not the run: let the caller see it
+                return await self._failed(exc, final=False)
+            return await self._stopped(team)
+        if self.stop_reason is not None:  # cancelled at the very end (autogen#7100): honour the stop
+            return await self._stopped(team)
+        state = dict(await team.save_state())
+        reason = result.stop_reason or "finished"
+        entry = lifecycle(RUN_COMPLETED, f"Run completed: {reason}", stop_reason=reason, **self._details())
+        self._publish([await self.deps.store.finish(self.claim, entry, state)])
+        return Outcome.COMPLETED
+
+    async def _build(self) -> Team:
+        team = self.deps.teams.build(self.claim.team)
+        state = await self.deps.store.load_team_state(self.claim.session_id)
+        if state is not None:
+            await team.load_state(prepare_state(state))
+        proxies = user_proxies(team)
+        for proxy in proxies:
+            # Not serialised in configs (a loaded proxy reads stdin); ours takes the session's next message.
+            proxy.input_func = self._input_func
+            proxy._is_async = True
+        self._proxy_names = frozenset(p.name for p in proxies)
+        return team
+
+    async def _stream(self, team: Team) -> TaskResult:
+        result: TaskResult | None = None
+        stream = team.run_stream(
+            task=self.claim.content, cancellation_token=self.token, output_task_messages=False
+        )
+        try:
+            async for item in stream:
+                if isinstance(item, TaskResult):
+                    result = item
+                elif isinstance(item, ModelClientStreamingChunkEvent):
+                    self.deps.hub.publish_ephemeral(
+                        self.claim.session_id, chunk_frame(self.claim.session_id, item)
+                    )
+                elif isinstance(item, BaseChatMessage) and item.source in self._proxy_names:
+                    continue  # the human's answer: already in the log as the user's own message
+                else:
+                    await self._append([to_entry(item)])
+                    if isinstance(item, UserInputRequestedEvent):
+                        self._asked.add(item.request_id)
+                        self._asked_changed.set()
+        except BaseException:
+            # Stop model spending before the generator is closed: closing alone waits for the chat to end.
+            self.token.cancel()
+            raise
+        if result is None:
+            raise RuntimeError("the team's run ended without a result")
+        return result
+
+    async def _input_func(self, prompt: str, cancellation_token: CancellationToken | None) -> str:
+        request_id = UserProxyAgent.InputRequestContext.request_id()
+        waiter = asyncio.ensure_future(self._wait_for_answer(request_id))
+        # REQUIRED (AUTOGEN.md 4): a waiting input_func that ignores the token makes cancel hang forever.
+        self.token.link_future(waiter)
+        if cancellation_token is not None and cancellation_token is not self.token:
+            cancellation_token.link_future(waiter)
+        return await waiter
+
+    async def _wait_for_answer(self, request_id: str) -> str:
+        while request_id not in self._asked:
+            self._asked_changed.clear()
+            await self._asked_changed.wait()
+        try:
+            while True:
+                answer = await self.deps.store.take_answer(self.claim)
+                if answer is not None:
+                    return answer.content
+                await self._idle_until_woken()
+        except LeaseLost:
+            self.stop(StopReason.LEASE_LOST)
+            raise
+        finally:
+            self.waiting_for_input = False
+
+    async def _idle_until_woken(self) -> None:
+        self.waiting_for_input = True
+        self.input_generation += 1
+        self._poke.clear()
+        self._on_change()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if await _first(self.deps.store.wait_for_work(self.deps.poll_interval_s), self._poke.wait()):
+            return
+        rest = MIN_ANSWER_RECHECK_S - (loop.time() - started)
+        if rest > 0:
+            await _first(asyncio.sleep(rest), self._poke.wait())
+
+    async def _stopped(self, team: Team) -> Outcome:
+        store, claim = self.deps.store, self.claim
+        if self.stop_reason is StopReason.LEASE_LOST:
+            log.warning("%s: lease lost, stopped without writing", self.describe())
+            return Outcome.LEASE_LOST
+        if self.stop_reason is StopReason.INTERRUPT:
+            self._publish([await store.release(claim, interrupted(claim.input_seq, claim.attempt))])
+            return Outcome.INTERRUPTED
+        # A fresh team loaded with this state works after a mid-turn cancel (AUTOGEN.md 5): keep what was said
+        state = await _saved_state(team)
+        entry = lifecycle(RUN_CANCELLED, "Run cancelled.", **self._details())
+        self._publish([await store.finish(claim, entry, state)])
+        return Outcome.CANCELLED
+
+    async def _failed(self, exc: BaseException, *, final: bool) -> Outcome:
+        error = error_line(exc)
+        not_before = None if final else self.deps.retry.next_attempt_at(self.claim.attempt, self.deps.clock())
+        retrying = not_before is not None
+        text = f"Run failed: {error}" + (" (it will be retried)" if retrying else "")
+        entry = lifecycle(RUN_FAILED, text, error=error, retrying=retrying, **self._details())
+        log.warning("%s failed%s: %s", self.describe(), ", retrying" if retrying else "", error)
+        if not_before is not None:
+            self._publish([await self.deps.store.retry(self.claim, entry, not_before)])
+            return Outcome.RETRIED
+        self._publish([await self.deps.store.finish(self.claim, entry, None)])
+        return Outcome.FAILED
+
+    async def _append(self, entries: Sequence[NewEntry]) -> None:
+        try:
+            written = await self.deps.store.append(self.claim, entries)
+        except LeaseLost:
+            self.stop(StopReason.LEASE_LOST)
+            raise
+        self._publish(written)
+
+    def _publish(self, entries: Sequence[Entry]) -> None:
+        self.deps.hub.publish(self.claim.session_id, entries)
+
+    def _details(self) -> dict[str, Any]:
+        return {"input_seq": self.claim.input_seq, "attempt": self.claim.attempt}
+
+    def _started_text(self) -> str:
+        return "Run started." if self.claim.attempt == 1 else f"Run started (attempt {self.claim.attempt})."
+
+
+async def _saved_state(team: Team) -> dict[str, Any] | None:
+    try:
+        return dict(await team.save_state())
+    except Exception as exc:  # the cancel still counts; the next run starts from the previous state
+        log.warning("could not save the team state after a cancel: %s", error_line(exc))
+        return None
+
+
+async def _first(*aws: Any) -> bool:
+    """Wait for the first of ``aws`` to finish, cancel the others; True when it was the last one given."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return tasks[-1] in done
