@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
+from service.errors import StoreUnavailable
 from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session, utcnow
 from service.queue import sqlite_ops as ops
-from service.queue.sqlite_conn import check_synchronous, connect, migrate, migrations_pending
+from service.queue.sqlite_conn import check_synchronous, connect, migrations_pending, prepare, read_pragmas
 from service.queue.sqlite_writer import Reader, Writer
 from service.queue.store import Clock, CommitListener
 
@@ -33,7 +34,6 @@ class SqliteStore:
         # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
         # a commit that lands after a claim found nothing is never missed by the next wait_for_work.
         self._work = asyncio.Event()
-        self._opened = False
         self._closed = False
 
     @property
@@ -42,18 +42,17 @@ class SqliteStore:
         return self._writer.commits
 
     async def open(self) -> None:
-        writer = await self._writer.open(
-            lambda: connect(self.path, synchronous=self.synchronous, writer=True)
-        )
         try:
-            await self._writer.call(migrate, writer)
+            writer = await self._writer.open(
+                lambda: connect(self.path, synchronous=self.synchronous, writer=True)
+            )
+            await self._writer.call(prepare, writer, self.path)
             await self._reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
         except BaseException:
             await self._writer.close()
             await self._reader.close()
             raise
         self._writer.start()
-        self._opened = True
 
     async def close(self) -> None:
         if self._closed:
@@ -61,6 +60,13 @@ class SqliteStore:
         self._closed = True
         await self._writer.close()
         await self._reader.close()
+
+    async def pragmas(self) -> dict[str, Any]:
+        """The write connection's settings as SQLite reports them (diagnostics; tests check they are honoured)."""
+        conn = self._writer.conn
+        if conn is None:
+            raise StoreUnavailable("the store is closed")
+        return await self._writer.call(read_pragmas, conn)
 
     async def ping(self) -> bool:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from service.errors import Conflict, IncompatibleDatabase, ServiceError, StoreUnavailable
 from service.models import utcnow
@@ -84,6 +85,11 @@ def translate(exc: sqlite3.Error, path: str) -> ServiceError:
     return StoreUnavailable(f"SQLite error on {path}: {text}")
 
 
+def read_pragmas(conn: sqlite3.Connection) -> dict[str, Any]:
+    names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+
+
 def applied_versions(conn: sqlite3.Connection) -> set[int]:
     exists = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
@@ -119,6 +125,28 @@ def migrate(conn: sqlite3.Connection, known: list[Migration] | None = None) -> l
             conn.execute("ROLLBACK")
             raise
     return done
+
+
+def prepare(conn: sqlite3.Connection, path: str) -> None:
+    """Migrate, then check the file is writable; driver errors become StoreUnavailable."""
+    try:
+        migrate(conn)
+        probe_write(conn)
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+
+
+def probe_write(conn: sqlite3.Connection) -> None:
+    """Fail at open, with a clear message, when the file cannot be written (read-only file, ``mode=ro``): SQLite
+    itself only notices at the first real write, and BEGIN IMMEDIATE alone succeeds on a read-only file. The
+    probe rewrites a row with its own value and rolls back, so nothing changes."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "UPDATE schema_migrations SET name = name WHERE version = (SELECT max(version) FROM schema_migrations)"
+        )
+    finally:
+        conn.execute("ROLLBACK")
 
 
 def migrations_pending(conn: sqlite3.Connection) -> bool:

@@ -1,0 +1,257 @@
+"""What only the SQLite backend has: group commit, job isolation inside a batch, pragmas, migrations, and the
+driver errors a real file can produce (not a database, read-only). Real files in tmp_path, no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from service.errors import Conflict, IncompatibleDatabase, LeaseLost, NotFound, QueueFull, StoreUnavailable
+from service.models import Claim, NewEntry
+from service.queue.migrate import Migration, load_migrations
+from service.queue.sqlite import SqliteStore
+from service.queue.sqlite_conn import migrate
+from tests.conftest import FakeClock
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "service.db")
+
+
+@pytest.fixture
+async def sqlite_store(db_path: str, clock: FakeClock) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(db_path, clock=clock)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def schema_snapshot(path: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        master = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+        applied = conn.execute(
+            "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+        ).fetchall()
+    conn.close()
+    return [*master, *applied]
+
+
+# --- group commit -----------------------------------------------------------------------------------------------
+async def test_concurrent_enqueues_share_commits(sqlite_store: SqliteStore) -> None:
+    before = sqlite_store.commits
+    results = await asyncio.gather(
+        *(sqlite_store.enqueue("alice", f"s{i % 8}", f"m{i}", f"c{i}") for i in range(200))
+    )
+    commits = sqlite_store.commits - before
+    assert 1 <= commits <= 20, commits  # one transaction per batch, not one per enqueue
+    for session in range(8):
+        seqs = sorted(r.seq for r in results if r.session_id == f"s{session}")
+        assert seqs == list(range(1, 26))  # contiguous per session whatever the batching
+    assert (await sqlite_store.counts())["queued"] == 200
+
+
+async def test_a_failing_job_does_not_fail_its_batch(sqlite_store: SqliteStore, db_path: str) -> None:
+    await sqlite_store.create_session("alice", "taken", "default", None)
+    await sqlite_store.create_session("bob", "bobs", "default", None)
+    bogus = Claim(999, "taken", "alice", "default", 1, "x", 1, "r_x", "no-such-token", "w")
+    before = sqlite_store.commits
+    # gather starts every call before the writer task runs again, so all of them land in ONE batch.
+    results = await asyncio.gather(
+        sqlite_store.enqueue("alice", "ok1", "first", None),
+        sqlite_store.create_session("alice", "taken", "default", None),  # Conflict
+        # Creates session "fresh" and THEN fails on max_queued=0: its savepoint must undo the session too.
+        sqlite_store.enqueue("alice", "fresh", "too many", None, max_queued=0),
+        sqlite_store.enqueue("alice", "bobs", "not yours", None),  # NotFound
+        sqlite_store.append(bogus, [NewEntry("TextMessage", "assistant", "hi")]),  # LeaseLost
+        sqlite_store.enqueue("alice", "ok2", "second", None),
+        return_exceptions=True,
+    )
+    assert sqlite_store.commits - before == 1
+    ok1, conflict, full, not_found, lost, ok2 = results
+    assert isinstance(conflict, Conflict)
+    assert isinstance(full, QueueFull)
+    assert isinstance(not_found, NotFound)
+    assert isinstance(lost, LeaseLost)
+    assert not isinstance(ok1, BaseException) and ok1.seq == 1
+    assert not isinstance(ok2, BaseException) and ok2.seq == 1
+    assert await sqlite_store.get_session("alice", "fresh") is None
+    assert (await sqlite_store.read_log("taken")).last_seq == 0
+    with sqlite3.connect(db_path) as raw:  # what is on disk, not what the store says
+        sessions = {row[0] for row in raw.execute("SELECT session_id FROM sessions")}
+    raw.close()
+    assert sessions == {"taken", "bobs", "ok1", "ok2"}
+
+
+async def test_close_drains_queued_writes(db_path: str, clock: FakeClock) -> None:
+    store = SqliteStore(db_path, clock=clock)
+    await store.open()
+    # Tasks run in creation order: every enqueue is in the writer's queue before close() stops taking jobs.
+    writes = [asyncio.create_task(store.enqueue("alice", "s1", f"m{i}", None)) for i in range(50)]
+    closer = asyncio.create_task(store.close())
+    done = await asyncio.gather(*writes)
+    await closer
+    await store.close()  # idempotent
+    assert [d.seq for d in done] == list(range(1, 51))
+    with pytest.raises(StoreUnavailable):
+        await store.enqueue("alice", "s1", "late", None)
+    reopened = SqliteStore(db_path, clock=clock)
+    await reopened.open()
+    try:
+        assert (await reopened.read_log("s1")).last_seq == 50
+    finally:
+        await reopened.close()
+
+
+# --- connection settings ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("mode", "code"), [("FULL", 2), ("NORMAL", 1), ("normal", 1)])
+async def test_synchronous_is_honoured(db_path: str, mode: str, code: int) -> None:
+    store = SqliteStore(db_path, synchronous=mode)
+    await store.open()
+    try:
+        pragmas = await store.pragmas()
+    finally:
+        await store.close()
+    assert pragmas == {"journal_mode": "wal", "synchronous": code, "foreign_keys": 1, "busy_timeout": 5000}
+
+
+def test_synchronous_is_validated(db_path: str) -> None:
+    with pytest.raises(ValueError, match="FULL or NORMAL"):
+        SqliteStore(db_path, synchronous="OFF")
+
+
+async def test_parent_directories_are_created(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "service.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    await store.close()
+    assert path.is_file()
+
+
+# --- driver errors ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def not_a_database(db_path: str) -> str:
+    Path(db_path).write_bytes(b"this is a text file, not SQLite\n" * 200)
+    return db_path
+
+
+async def test_not_a_database(not_a_database: str) -> None:
+    store = SqliteStore(not_a_database)
+    with pytest.raises(StoreUnavailable, match="is not a SQLite database") as caught:
+        await store.open()
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    await store.close()
+
+
+@contextmanager
+def read_only(path: str) -> Iterator[None]:
+    """Make ``path`` really read-only. As root, permission bits do not stop writes; the immutable attribute
+    (chattr +i) does. Skipped where neither is possible."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o444)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o644)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", path], check=False).returncode != 0:
+        pytest.skip("running as root and this filesystem has no immutable attribute")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
+async def test_read_only_file_is_unavailable_at_open(db_path: str) -> None:
+    store = SqliteStore(db_path)
+    await store.open()
+    await store.enqueue("alice", "s1", "kept", None)
+    await store.close()
+    with read_only(db_path):
+        ro = SqliteStore(db_path)
+        with pytest.raises(StoreUnavailable, match="is read-only") as caught:
+            await ro.open()
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        await ro.close()
+    store = SqliteStore(db_path)  # writable again: nothing was lost or changed
+    await store.open()
+    try:
+        assert [e.content for e in (await store.read_log("s1")).messages] == ["kept"]
+    finally:
+        await store.close()
+
+
+async def test_read_only_uri_is_unavailable_at_open(db_path: str) -> None:
+    """The same path through SQLite's own read-only mode (a file: URI), which holds whoever runs the tests."""
+    store = SqliteStore(db_path)
+    await store.open()
+    await store.close()
+    ro = SqliteStore(f"file:{db_path}?mode=ro")
+    with pytest.raises(StoreUnavailable, match="is read-only"):
+        await ro.open()
+    await ro.close()
+
+
+# --- migrations -------------------------------------------------------------------------------------------------
+async def test_migrations_apply_once(db_path: str) -> None:
+    store = SqliteStore(db_path)
+    await store.open()
+    assert await store.ping()
+    await store.close()
+    first = schema_snapshot(db_path)
+    assert [row[:2] for row in first if isinstance(row[0], int)] == [(1, "initial")]
+    store = SqliteStore(db_path)
+    await store.open()  # second open: nothing to apply, nothing changes
+    await store.close()
+    assert schema_snapshot(db_path) == first
+
+
+async def test_unknown_migration_is_incompatible(db_path: str) -> None:
+    store = SqliteStore(db_path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(
+            "INSERT INTO schema_migrations VALUES (9999, 'from_the_future', '2030-01-01T00:00:00.000000Z')"
+        )
+    raw.close()
+    before = schema_snapshot(db_path)
+    newer = SqliteStore(db_path)
+    with pytest.raises(IncompatibleDatabase, match=r"\[9999\].*newer version"):
+        await newer.open()
+    await newer.close()
+    assert schema_snapshot(db_path) == before
+
+
+def test_a_failing_migration_leaves_nothing_behind(db_path: str) -> None:
+    good = load_migrations("sqlite")
+    broken = Migration(2, "broken", "CREATE TABLE half_done (x INTEGER);\nTHIS IS NOT SQL;\n")
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            migrate(conn, [*good, broken])
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations")]
+        assert "half_done" not in tables and "sessions" in tables  # 0001 committed alone, 0002 rolled back
+        assert versions == [1]
+        assert migrate(conn, good) == []  # running again applies nothing
+    finally:
+        conn.close()
+
+
+async def test_ping_is_false_when_a_migration_is_pending(sqlite_store: SqliteStore, db_path: str) -> None:
+    assert await sqlite_store.ping()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("DELETE FROM schema_migrations")
+    raw.close()
+    assert not await sqlite_store.ping()
