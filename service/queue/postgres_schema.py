@@ -19,6 +19,7 @@ CONNECT_TIMEOUT_S = 10.0
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a connection that died in the middle of an operation
     OSError,
     asyncio.TimeoutError,
 )

@@ -1,0 +1,282 @@
+"""PostgreSQL only: several PostgresStore instances (as several service processes would) on one database.
+
+Each test gets a fresh database from tests.pg (skipped only when no server is reachable). Waits are on events
+and notifications, bounded by asyncio timeouts far above what they need, so a missing wake-up fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from service.errors import IncompatibleDatabase, StoreUnavailable
+from service.models import RUN_COMPLETED, RUN_STARTED, Claim, NewEntry, lifecycle
+from service.queue.migrate import load_migrations
+from service.queue.postgres import PostgresStore
+from tests.conftest import FakeClock
+from tests.pg import ADMIN_DSN, pg_database
+
+pytestmark = pytest.mark.postgres
+
+OWNER = "alice"
+LEASE_S = 60.0
+WAIT_S = 10.0  # an upper bound for a wake-up that should take milliseconds
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
+
+
+@asynccontextmanager
+async def instances(url: str, clock: FakeClock, n: int = 2) -> AsyncIterator[list[PostgresStore]]:
+    stores = [PostgresStore(url, clock=clock) for _ in range(n)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        yield stores
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def admin(sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def parked(task: asyncio.Task[None]) -> asyncio.Task[None]:
+    """Let ``task`` run up to its first real wait (wait_for_work captures its wake-up event synchronously)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    return task
+
+
+def said(text: str) -> NewEntry:
+    return NewEntry("TextMessage", "assistant", text)
+
+
+async def test_work_enqueued_on_one_instance_wakes_and_is_claimed_by_another(
+    pg_url: str, clock: FakeClock
+) -> None:
+    async with instances(pg_url, clock) as (a, b):
+        assert await b.claim("b1", LEASE_S) is None
+        waiter = await parked(asyncio.create_task(b.wait_for_work(60)))
+        done = await a.enqueue(OWNER, "s1", "hello from A", "m1")
+        await asyncio.wait_for(waiter, WAIT_S)  # woken by NOTIFY service_work, not by its 60 s timeout
+        claim = await b.claim("b1", LEASE_S)
+        assert claim is not None
+        assert (claim.session_id, claim.input_seq, claim.content) == ("s1", done.seq, "hello from A")
+        assert await a.claim("a1", LEASE_S) is None
+
+        # A finish on B that unblocks the session's next input wakes A.
+        await a.enqueue(OWNER, "s1", "second", "m2")
+        waiter = await parked(asyncio.create_task(a.wait_for_work(60)))
+        await b.finish(claim, lifecycle(RUN_COMPLETED, "done"), None)
+        await asyncio.wait_for(waiter, WAIT_S)
+        nxt = await a.claim("a1", LEASE_S)
+        assert nxt is not None and nxt.content == "second"
+
+
+async def test_cancel_requested_on_one_instance_wakes_the_other(pg_url: str, clock: FakeClock) -> None:
+    async with instances(pg_url, clock) as (a, b):
+        await a.enqueue(OWNER, "s1", "long job", None)
+        claim = await a.claim("a1", LEASE_S)
+        assert claim is not None
+        waiter = await parked(asyncio.create_task(a.wait_for_work(60)))
+        assert await b.request_cancel(OWNER, "s1")
+        await asyncio.wait_for(waiter, WAIT_S)
+        assert await a.cancel_requested(claim)
+
+
+async def test_listener_hears_commits_of_other_instances_only(pg_url: str, clock: FakeClock) -> None:
+    heard: dict[str, asyncio.Queue[tuple[str, int]]] = {"a": asyncio.Queue(), "b": asyncio.Queue()}
+
+    def recorder(name: str):  # type: ignore[no-untyped-def]
+        async def listener(session_id: str, last_seq: int) -> None:
+            await heard[name].put((session_id, last_seq))
+
+        return listener
+
+    async with instances(pg_url, clock) as (a, b):
+        await a.listen(recorder("a"))
+        await b.listen(recorder("b"))
+        await a.enqueue(OWNER, "from-a", "one", None)
+        assert await asyncio.wait_for(heard["b"].get(), WAIT_S) == ("from-a", 1)
+        claim = await a.claim("a1", LEASE_S)
+        assert claim is not None
+        await a.append(claim, [lifecycle(RUN_STARTED, "started"), said("hi")])
+        # Calls may be coalesced per session; the last one carries the newest seq.
+        while (got := await asyncio.wait_for(heard["b"].get(), WAIT_S)) != ("from-a", 3):
+            assert got[0] == "from-a" and got[1] < 3
+
+        # B writes once: A hears B's commit, and (notifications arrive in commit order) none of its own.
+        await b.enqueue(OWNER, "from-b", "two", None)
+        assert await asyncio.wait_for(heard["a"].get(), WAIT_S) == ("from-b", 1)
+        assert heard["a"].empty()
+
+
+async def test_lost_listen_connection_reconnects_and_catches_up(pg_url: str, clock: FakeClock) -> None:
+    heard: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+    async def listener(session_id: str, last_seq: int) -> None:
+        await heard.put((session_id, last_seq))
+
+    async with instances(pg_url, clock) as (a, b):
+        await b.listen(listener)
+        await a.enqueue(OWNER, "s1", "before the loss", None)
+        assert await asyncio.wait_for(heard.get(), WAIT_S) == ("s1", 1)
+
+        pid = b.notifier.server_pid()
+        assert pid is not None
+        waiter = await parked(asyncio.create_task(b.wait_for_work(60)))
+        await admin("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.wait_for(waiter, WAIT_S)  # workers re-check the store while B is deaf
+        # After reconnecting, B calls the listener for recently written sessions: what it may have missed.
+        assert await asyncio.wait_for(heard.get(), WAIT_S) == ("s1", 1)
+        assert b.notifier.reconnects == 1
+        assert b.notifier.server_pid() not in (None, pid)
+
+        await a.enqueue(OWNER, "s1", "after the loss", None)
+        assert await asyncio.wait_for(heard.get(), WAIT_S) == ("s1", 2)
+
+
+async def test_concurrent_claims_across_instances_take_one_input_per_session(
+    pg_url: str, clock: FakeClock
+) -> None:
+    async with instances(pg_url, clock, n=3) as stores:
+        for n in range(4):
+            await stores[0].enqueue(OWNER, "one", f"input {n}", None)
+        claims = await asyncio.gather(*(s.claim(f"w{i}", LEASE_S) for i in range(12) for s in stores))
+        taken = [c for c in claims if c is not None]
+        assert [(c.session_id, c.input_seq) for c in taken] == [("one", 1)]
+        assert await stores[1].counts() == {"queued": 3, "running": 1}
+
+
+async def test_instances_racing_never_run_two_inputs_of_one_session(pg_url: str, clock: FakeClock) -> None:
+    sessions, per_session, claimers_per_instance = 8, 5, 4
+    total = sessions * per_session
+    running: dict[str, int] = {}
+    violations: list[str] = []
+    order: dict[str, list[int]] = {}
+    done = 0
+
+    async def run(store: PostgresStore, claim: Claim) -> None:
+        nonlocal done
+        if claim.session_id in running:
+            violations.append(f"{claim.session_id}: {claim.input_seq} while {running[claim.session_id]} runs")
+        running[claim.session_id] = claim.input_seq
+        order.setdefault(claim.session_id, []).append(claim.input_seq)
+        await store.append(claim, [lifecycle(RUN_STARTED, "started")])  # real I/O while the run is live
+        del running[claim.session_id]
+        await store.finish(claim, lifecycle(RUN_COMPLETED, "done"), None)
+        done += 1
+
+    async def claimer(store: PostgresStore, name: str) -> None:
+        while done < total:
+            claim = await store.claim(name, LEASE_S)
+            if claim is None:
+                await store.wait_for_work(0.05)
+            else:
+                await run(store, claim)
+
+    async with instances(pg_url, clock) as (a, b):
+        expected: dict[str, list[int]] = {}
+        for n in range(per_session):
+            for s in range(sessions):
+                producer = a if (n + s) % 2 else b
+                seq = (await producer.enqueue(OWNER, f"s{s}", f"input {n}", None)).seq
+                expected.setdefault(f"s{s}", []).append(seq)
+        async with asyncio.timeout(45):
+            await asyncio.gather(
+                *(
+                    claimer(store, f"{name}{i}")
+                    for store, name in ((a, "a"), (b, "b"))
+                    for i in range(claimers_per_instance)
+                )
+            )
+        assert violations == []
+        assert order == expected
+        assert await a.counts() == {"queued": 0, "running": 0}
+
+
+async def test_instances_opening_at_once_apply_migrations_once(pg_url: str, clock: FakeClock) -> None:
+    async with instances(pg_url, clock, n=4) as stores:
+        assert all([await s.ping() for s in stores])
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    finally:
+        await conn.close()
+    assert [(r["version"], r["name"]) for r in rows] == [
+        (m.version, m.name) for m in load_migrations("postgres")
+    ]
+
+
+async def test_database_from_a_newer_version_is_refused(pg_url: str, clock: FakeClock) -> None:
+    async with instances(pg_url, clock, n=1) as (store,):
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("INSERT INTO schema_migrations VALUES (9999, 'from_the_future', now())")
+        finally:
+            await conn.close()
+        assert not await store.ping()
+    newer = PostgresStore(pg_url, clock=clock)
+    with pytest.raises(IncompatibleDatabase, match="9999"):
+        await newer.open()
+    await newer.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_unreachable_server_is_store_unavailable_with_a_clear_message(clock: FakeClock) -> None:
+    port = _closed_port()
+    store = PostgresStore(f"postgresql://postgres:s3cret@127.0.0.1:{port}/nothing", clock=clock)
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.open()
+    message = str(caught.value)
+    assert "cannot open the PostgreSQL database" in message
+    assert f"127.0.0.1:{port}/nothing" in message
+    assert "s3cret" not in message
+    assert isinstance(caught.value.__cause__, OSError)
+    assert not await store.ping()
+    with pytest.raises(StoreUnavailable):
+        await store.get_session(OWNER, "s1")
+    await store.close()
+
+
+async def test_read_only_database_fails_writes_with_store_unavailable(pg_url: str, clock: FakeClock) -> None:
+    name = pg_url.rsplit("/", 1)[1]
+    async with instances(pg_url, clock, n=1) as (store,):
+        await store.enqueue(OWNER, "s1", "kept", None)
+        await admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        # New sessions pick the setting up; drop the store's connections so its pool reconnects.
+        await admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        for _ in range(3):  # the first call may meet a connection that is just dying: also StoreUnavailable
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.enqueue(OWNER, "s1", "lost", None)
+        assert isinstance(caught.value.__cause__, asyncpg.ReadOnlySQLTransactionError)
+        await admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
+        await admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        page = None
+        for _ in range(3):
+            try:
+                page = await store.read_log("s1")
+                break
+            except StoreUnavailable:
+                continue  # a pooled connection that died with the termination above
+        assert page is not None
+        assert [e.content for e in page.messages] == ["kept"]
