@@ -21,7 +21,9 @@ from service.worker.teams import TeamRegistry
 def create_app(config: Config, *, store: Store | None = None, start_workers: bool = True) -> web.Application:
     """The aiohttp application. ``store`` overrides ``config.database`` (tests); ``start_workers=False`` leaves
     the pool stopped so a test can drive it with ``run_until_idle()``."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[middleware.errors, middleware.auth])
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[middleware.errors, middleware.auth]
+    )
     app[keys.CONFIG] = config
     app[keys.STORE] = store or open_store(config.database, sqlite_synchronous=config.sqlite_synchronous)
     app[keys.HUB] = Hub(buffer_size=config.send_buffer)
@@ -70,5 +72,6 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[keys.SOCKETS]):
+    sockets = app[keys.SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

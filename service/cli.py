@@ -60,9 +60,15 @@ async def serve(config: Config) -> None:
     try:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
-        for sock in site._server.sockets if site._server else ():  # the real port when --port 0
-            host, port = sock.getsockname()[:2]
-            log.info("listening on http://%s:%s (database %s, auth %s)", host, port, _safe(config.database), config.auth)
+        for address in runner.addresses:  # the real port when --port 0
+            host, port = address[:2]
+            log.info(
+                "listening on http://%s:%s (database %s, auth %s)",
+                host,
+                port,
+                _safe(config.database),
+                config.auth,
+            )
         await stop.wait()
         log.info("shutting down: no new inputs; runs get %.0f s to finish", config.grace_s)
     finally:

@@ -43,17 +43,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "address to listen on (auth 'none' requires a loopback address)"),
     Setting("port", 8080, "TCP port to listen on"),
     Setting(
-        "database", "data/service.db", "a SQLite file path, sqlite:///path, memory:// (not durable) or postgresql://..."
+        "database",
+        "data/service.db",
+        "a SQLite file path, sqlite:///path, memory:// (not durable) or postgresql://...",
     ),
     Setting("workers", 4, "concurrent runs (worker slots) in this process"),
-    Setting("auth", "none", "none (loopback only, user 'local') or jwt (HS256, secret in SERVICE_JWT_SECRET)",
-            choices=("none", "jwt")),
-    Setting("sqlite_synchronous", "FULL", "SQLite synchronous pragma: FULL (survives power loss) or NORMAL",
-            choices=("FULL", "NORMAL")),
-    Setting("lease_s", 30.0, "seconds a claimed input stays leased without a heartbeat before another worker may recover it"),
-    Setting("heartbeat_s", 5.0, "seconds between lease heartbeats (and checks for cancel requests from other processes)"),
+    Setting(
+        "auth",
+        "none",
+        "none (loopback only, user 'local') or jwt (HS256, secret in SERVICE_JWT_SECRET)",
+        choices=("none", "jwt"),
+    ),
+    Setting(
+        "sqlite_synchronous",
+        "FULL",
+        "SQLite synchronous pragma: FULL (survives power loss) or NORMAL",
+        choices=("FULL", "NORMAL"),
+    ),
+    Setting(
+        "lease_s",
+        30.0,
+        "seconds a claimed input stays leased without a heartbeat before another worker may recover it",
+    ),
+    Setting(
+        "heartbeat_s",
+        5.0,
+        "seconds between lease heartbeats (and checks for cancel requests from other processes)",
+    ),
     Setting("poll_interval_s", 1.0, "seconds between queue polls when no in-process wake-up arrives"),
-    Setting("grace_s", 10.0, "seconds running runs get to finish on shutdown before they are put back in the queue"),
+    Setting(
+        "grace_s",
+        10.0,
+        "seconds running runs get to finish on shutdown before they are put back in the queue",
+    ),
     Setting("max_attempts", 3, "attempts of a failing run before run_failed with retrying false"),
     Setting("retry_base_delay_s", 1.0, "backoff before the 2nd attempt; doubles each attempt"),
     Setting("retry_max_delay_s", 60.0, "backoff cap"),
@@ -63,8 +85,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queued_per_session", 100, "queued inputs per session before 429 queue_full"),
     Setting("max_page", 1000, "largest page of log entries (larger limits are clamped)"),
     Setting("send_buffer", 1000, "live items buffered per connection before it is switched back to replay"),
-    Setting("teams", "", "extra teams as name=path.json or name=module:function, comma separated (config.toml: [teams] table)"),
-    Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting(
+        "teams",
+        "",
+        "extra teams as name=path.json or name=module:function, comma separated (config.toml: [teams] table)",
+    ),
+    Setting(
+        "log_level", "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    ),
 )
 
 
@@ -104,8 +132,16 @@ class Config:
             )
         if self.auth == "jwt" and not self.jwt_secret:
             raise ConfigError("--auth jwt needs the secret in the environment variable SERVICE_JWT_SECRET")
-        for name in ("workers", "max_attempts", "max_body_bytes", "max_frame_bytes", "max_message_chars",
-                     "max_queued_per_session", "max_page", "send_buffer"):
+        for name in (
+            "workers",
+            "max_attempts",
+            "max_body_bytes",
+            "max_frame_bytes",
+            "max_message_chars",
+            "max_queued_per_session",
+            "max_page",
+            "send_buffer",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("lease_s", "heartbeat_s", "poll_interval_s"):
@@ -134,7 +170,9 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
         else:
             out = setting.kind(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{setting.name} from {origin}: expected {setting.kind.__name__}, got {value!r}") from exc
+        raise ConfigError(
+            f"{setting.name} from {origin}: expected {setting.kind.__name__}, got {value!r}"
+        ) from exc
     if setting.choices and str(out) not in setting.choices:
         choices = ", ".join(setting.choices)
         raise ConfigError(f"{setting.name} from {origin}: {out!r} is not one of {choices}")
@@ -150,7 +188,9 @@ def _parse_teams(value: Any, origin: str) -> dict[str, str]:
             continue
         name, sep, target = part.partition("=")
         if not sep or not name.strip() or not target.strip():
-            raise ConfigError(f"teams from {origin}: expected name=path.json or name=module:function, got {part!r}")
+            raise ConfigError(
+                f"teams from {origin}: expected name=path.json or name=module:function, got {part!r}"
+            )
         teams[name.strip()] = target.strip()
     return teams
 

@@ -1,8 +1,9 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the Prometheus scrape."""
 
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import keys
 from service.errors import StoreUnavailable, error_body
@@ -19,8 +20,17 @@ async def readyz(request: web.Request) -> web.Response:
     except StoreUnavailable:
         ready = False
     if not ready:
-        return web.json_response(error_body("unavailable", "the database is unreachable or not migrated"), status=503)
+        return web.json_response(
+            error_body("unavailable", "the database is unreachable or not migrated"), status=503
+        )
     failed = request.app[keys.POOL].failed
     if failed is not None:
         return web.json_response(error_body("unavailable", f"the worker pool stopped: {failed}"), status=503)
     return web.json_response({"status": "ready"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app[keys.METRICS]
+    counts = await request.app[keys.STORE].counts()
+    metrics.inputs_queued.set(counts.get("queued", 0))
+    return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from service.config import Config
 from service.hub import Hub
+from service.metrics import Metrics
 from service.queue.store import Store
-
-if TYPE_CHECKING:
-    from service.metrics import Metrics
-    from service.worker.pool import WorkerPool
-    from service.worker.teams import TeamRegistry
+from service.worker.pool import WorkerPool
+from service.worker.teams import TeamRegistry
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 HUB = web.AppKey("hub", Hub)
-POOL = web.AppKey("pool", "WorkerPool")
-TEAMS = web.AppKey("teams", "TeamRegistry")
-METRICS = web.AppKey("metrics", "Metrics")
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+POOL = web.AppKey("pool", WorkerPool)
+TEAMS = web.AppKey("teams", TeamRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

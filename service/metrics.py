@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from service import keys
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 
 class Metrics:
@@ -14,37 +16,36 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.inputs_enqueued = Counter("service_inputs_enqueued", "User messages accepted (durable)", registry=r)
+        self.inputs_enqueued = Counter(
+            "service_inputs_enqueued", "User messages accepted (durable)", registry=r
+        )
         self.inputs_queued = Gauge("service_inputs_queued", "Inputs waiting in the queue", registry=r)
         self.runs_running = Gauge("service_runs_running", "Runs in progress in this process", registry=r)
-        self.runs = Counter("service_runs", "Runs ended, by outcome", ["outcome"], registry=r)
+        self.runs = Counter("service_runs", "Runs ended, by outcome", ["outcome", "team"], registry=r)
         self.run_duration = Histogram(
-            "service_run_duration_seconds", "Run duration", registry=r,
+            "service_run_duration_seconds",
+            "Run duration",
+            registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
         )
         self.entries_appended = Counter("service_entries_appended", "Log entries written by runs", registry=r)
         self.ws_connections = Gauge("service_websocket_connections", "Open WebSocket connections", registry=r)
         self.replay_entries = Histogram(
-            "service_replay_entries", "Entries replayed to a (re)connecting client", registry=r,
+            "service_replay_entries",
+            "Entries replayed to a (re)connecting client",
+            registry=r,
             buckets=(0, 1, 10, 100, 1000, 10_000, 100_000),
         )
 
     # --- the worker pool's hooks (service.worker.pool.PoolMetrics) ---
-    def run_started(self) -> None:
+    def run_started(self, team: str) -> None:
         self.runs_running.inc()
 
-    def run_ended(self, outcome: str, duration_s: float) -> None:
-        """outcome: completed, failed, retried, cancelled or interrupted."""
+    def run_ended(self, team: str, outcome: str, duration_s: float) -> None:
+        """outcome: completed, failed, retried, cancelled, interrupted, ..."""
         self.runs_running.dec()
-        self.runs.labels(outcome).inc()
+        self.runs.labels(outcome, team).inc()
         self.run_duration.observe(duration_s)
 
     def entries_written(self, count: int) -> None:
         self.entries_appended.inc(count)
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[keys.METRICS]
-    counts = await request.app[keys.STORE].counts()
-    metrics.inputs_queued.set(counts.get("queued", 0))
-    return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

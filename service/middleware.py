@@ -14,8 +14,16 @@ from service.errors import ServiceError, error_body
 log = logging.getLogger("service.http")
 
 # aiohttp's own HTTP errors (no route, wrong method, body too large) mapped onto our codes.
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_request", 409: "conflict",
-               413: "too_large", 429: "queue_full", 503: "unavailable"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "bad_request",
+    409: "conflict",
+    413: "too_large",
+    429: "queue_full",
+    503: "unavailable",
+}
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:

@@ -18,7 +18,7 @@ USER_INPUT_REQUESTED = "UserInputRequestedEvent"
 SYSTEM_SOURCE = "system"
 
 
-class SessionStatus(str, enum.Enum):
+class SessionStatus(enum.StrEnum):
     IDLE = "idle"
     QUEUED = "queued"
     RUNNING = "running"

@@ -19,8 +19,15 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    names = {400: "bad request", 401: "no or bad token", 404: "no such session", 409: "conflict",
-             413: "too large", 429: "queue full", 503: "database unavailable"}
+    names = {
+        400: "bad request",
+        401: "no or bad token",
+        404: "no such session",
+        409: "conflict",
+        413: "too large",
+        429: "queue full",
+        503: "database unavailable",
+    }
     return {str(c): _json(_ref("Error"), names[c]) for c in codes}
 
 
@@ -34,43 +41,99 @@ COMMON = (400, 401, 404, 503)
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-            "code": {"type": "string", "enum": ["bad_request", "unauthorized", "not_found", "conflict", "too_large",
-                                                "queue_full", "unavailable", "internal"]},
-            "message": {"type": "string"}}}},
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {
+                        "type": "string",
+                        "enum": [
+                            "bad_request",
+                            "unauthorized",
+                            "not_found",
+                            "conflict",
+                            "too_large",
+                            "queue_full",
+                            "unavailable",
+                            "internal",
+                        ],
+                    },
+                    "message": {"type": "string"},
+                },
+            }
+        },
     },
     "Session": {
         "type": "object",
         "required": ["session_id", "team", "title", "status", "last_seq", "created_at", "updated_at"],
-        "properties": {"session_id": ID, "team": {"type": "string"}, "title": {"type": "string", "nullable": True},
-                       "status": STATUS, "last_seq": {"type": "integer", "minimum": 0},
-                       "created_at": {"type": "string"}, "updated_at": {"type": "string"}},
+        "properties": {
+            "session_id": ID,
+            "team": {"type": "string"},
+            "title": {"type": "string", "nullable": True},
+            "status": STATUS,
+            "last_seq": {"type": "integer", "minimum": 0},
+            "created_at": {"type": "string"},
+            "updated_at": {"type": "string"},
+        },
     },
     "Entry": {
         "type": "object",
-        "required": ["seq", "session_id", "type", "source", "content", "created_at", "run_id", "client_msg_id",
-                     "metadata"],
-        "properties": {"seq": {"type": "integer", "minimum": 1}, "session_id": ID, "type": {"type": "string"},
-                       "source": {"type": "string"}, "content": {}, "created_at": {"type": "string"},
-                       "run_id": {"type": "string", "nullable": True},
-                       "client_msg_id": {"type": "string", "nullable": True}, "metadata": {"type": "object"}},
+        "required": [
+            "seq",
+            "session_id",
+            "type",
+            "source",
+            "content",
+            "created_at",
+            "run_id",
+            "client_msg_id",
+            "metadata",
+        ],
+        "properties": {
+            "seq": {"type": "integer", "minimum": 1},
+            "session_id": ID,
+            "type": {"type": "string"},
+            "source": {"type": "string"},
+            "content": {},
+            "created_at": {"type": "string"},
+            "run_id": {"type": "string", "nullable": True},
+            "client_msg_id": {"type": "string", "nullable": True},
+            "metadata": {"type": "object"},
+        },
     },
     "Page": {
-        "type": "object", "required": ["session_id", "messages", "last_seq", "has_more"],
-        "properties": {"session_id": ID, "messages": {"type": "array", "items": _ref("Entry")},
-                       "last_seq": {"type": "integer"}, "has_more": {"type": "boolean"}},
+        "type": "object",
+        "required": ["session_id", "messages", "last_seq", "has_more"],
+        "properties": {
+            "session_id": ID,
+            "messages": {"type": "array", "items": _ref("Entry")},
+            "last_seq": {"type": "integer"},
+            "has_more": {"type": "boolean"},
+        },
     },
     "Queued": {
-        "type": "object", "required": ["seq", "client_msg_id", "status"],
-        "properties": {"seq": {"type": "integer"}, "client_msg_id": {"type": "string", "nullable": True},
-                       "status": {"type": "string", "enum": ["queued"]}},
+        "type": "object",
+        "required": ["seq", "client_msg_id", "status"],
+        "properties": {
+            "seq": {"type": "integer"},
+            "client_msg_id": {"type": "string", "nullable": True},
+            "status": {"type": "string", "enum": ["queued"]},
+        },
     },
-    "Cursor": {"type": "object", "required": ["seq"], "properties": {"seq": {"type": "integer", "minimum": 0}}},
+    "Cursor": {
+        "type": "object",
+        "required": ["seq"],
+        "properties": {"seq": {"type": "integer", "minimum": 0}},
+    },
 }
 
 
-def _op(summary: str, ok: str, ok_body: dict[str, Any] | None, errors: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+def _op(
+    summary: str, ok: str, ok_body: dict[str, Any] | None, errors: tuple[int, ...], **extra: Any
+) -> dict[str, Any]:
     responses: dict[str, Any] = {ok: _json(ok_body, summary) if ok_body else {"description": summary}}
     responses.update(_errors(*errors))
     return {"summary": summary, "responses": responses, **extra}
@@ -82,12 +145,32 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 PATHS: dict[str, Any] = {
     "/sessions": {
-        "post": _op("Create a session", "201", _ref("Session"), (400, 401, 409, 413, 503), requestBody=_body(
-            {"type": "object", "properties": {"session_id": ID, "team": {"type": "string"},
-                                              "title": {"type": "string", "maxLength": 200}}})),
-        "get": _op("The caller's sessions, newest activity first", "200",
-                   {"type": "object", "required": ["sessions"],
-                    "properties": {"sessions": {"type": "array", "items": _ref("Session")}}}, (401, 503)),
+        "post": _op(
+            "Create a session",
+            "201",
+            _ref("Session"),
+            (400, 401, 409, 413, 503),
+            requestBody=_body(
+                {
+                    "type": "object",
+                    "properties": {
+                        "session_id": ID,
+                        "team": {"type": "string"},
+                        "title": {"type": "string", "maxLength": 200},
+                    },
+                }
+            ),
+        ),
+        "get": _op(
+            "The caller's sessions, newest activity first",
+            "200",
+            {
+                "type": "object",
+                "required": ["sessions"],
+                "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
+            },
+            (401, 503),
+        ),
     },
     "/sessions/{session_id}": {
         "parameters": [SESSION_PARAM],
@@ -96,25 +179,50 @@ PATHS: dict[str, Any] = {
     },
     "/sessions/{session_id}/messages": {
         "parameters": [SESSION_PARAM],
-        "get": _op("A page of log entries, oldest first", "200", _ref("Page"), COMMON, parameters=[
-            _param("after", "query", {"type": "integer", "minimum": 0}),
-            _param("before", "query", {"type": "integer", "minimum": 0}),
-            _param("limit", "query", {"type": "integer", "minimum": 1})]),
-        "post": _op("Enqueue a user message (creates the session if absent)", "202", _ref("Queued"),
-                    (400, 401, 404, 413, 429, 503), requestBody=_body(
-                        {"type": "object", "required": ["content"],
-                         "properties": {"content": {"type": "string"}, "client_msg_id": {"type": "string"}}})),
+        "get": _op(
+            "A page of log entries, oldest first",
+            "200",
+            _ref("Page"),
+            COMMON,
+            parameters=[
+                _param("after", "query", {"type": "integer", "minimum": 0}),
+                _param("before", "query", {"type": "integer", "minimum": 0}),
+                _param("limit", "query", {"type": "integer", "minimum": 1}),
+            ],
+        ),
+        "post": _op(
+            "Enqueue a user message (creates the session if absent)",
+            "202",
+            _ref("Queued"),
+            (400, 401, 404, 413, 429, 503),
+            requestBody=_body(
+                {
+                    "type": "object",
+                    "required": ["content"],
+                    "properties": {"content": {"type": "string"}, "client_msg_id": {"type": "string"}},
+                }
+            ),
+        ),
     },
     "/sessions/{session_id}/cancel": {
         "parameters": [SESSION_PARAM],
-        "post": _op("Cancel the active run, if any", "202",
-                    {"type": "object", "properties": {"cancelled": {"type": "boolean"}}}, COMMON),
+        "post": _op(
+            "Cancel the active run, if any",
+            "202",
+            {"type": "object", "properties": {"cancelled": {"type": "boolean"}}},
+            COMMON,
+        ),
     },
     "/sessions/{session_id}/cursors/{client_id}": {
         "parameters": [SESSION_PARAM, CLIENT_PARAM],
         "get": _op("A client's cursor", "200", _ref("Cursor"), COMMON),
-        "put": _op("Move a client's cursor forward (never backwards)", "200", _ref("Cursor"), (*COMMON, 413),
-                   requestBody=_body(_ref("Cursor"))),
+        "put": _op(
+            "Move a client's cursor forward (never backwards)",
+            "200",
+            _ref("Cursor"),
+            (*COMMON, 413),
+            requestBody=_body(_ref("Cursor")),
+        ),
     },
     "/healthz": {"get": _op("Liveness", "200", {"type": "object"}, ())},
     "/readyz": {"get": _op("Readiness: database reachable and migrated", "200", {"type": "object"}, (503,))},
@@ -122,11 +230,16 @@ PATHS: dict[str, Any] = {
 
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
-    "info": {"title": "Durable chat backend for AutoGen teams", "version": "0.1.0",
-             "description": "WebSocket /ws/chat/queue and SSE /sessions/{id}/events are described in the README."},
+    "info": {
+        "title": "Durable chat backend for AutoGen teams",
+        "version": "0.1.0",
+        "description": "WebSocket /ws/chat/queue and SSE /sessions/{id}/events are described in the README.",
+    },
     "paths": PATHS,
-    "components": {"schemas": SCHEMAS,
-                   "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+    },
     "security": [{}, {"bearer": []}],
 }
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from service import handlers, health, metrics, openapi, sse, ws
+from service import handlers, health, openapi, sse, ws
 
 STATIC = Path(__file__).parent / "static"
 
@@ -20,7 +20,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_static("/static/", STATIC, append_version=False)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
-    app.router.add_get("/metrics", metrics.metrics_handler)
+    app.router.add_get("/metrics", health.metrics_handler)
     app.router.add_get("/openapi.json", openapi.spec_handler)
     app.router.add_post("/sessions", handlers.create_session)
     app.router.add_get("/sessions", handlers.list_sessions)

@@ -35,7 +35,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         async for item in follow(request.app[keys.STORE], request.app[keys.HUB], session.session_id, after):
             if isinstance(item, Entry):
-                await response.write(f"id: {item.seq}\ndata: ".encode() + orjson.dumps(item.to_json()) + b"\n\n")
+                await response.write(
+                    f"id: {item.seq}\ndata: ".encode() + orjson.dumps(item.to_json()) + b"\n\n"
+                )
             else:
                 await response.write(b"data: " + orjson.dumps(item) + b"\n\n")
     except ConnectionError:

@@ -22,7 +22,9 @@ log = logging.getLogger("service.ws")
 class Connection:
     """One client socket: sends are serialised through one lock (replay/live and answers share the socket)."""
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, session: Session, client_id: str | None):
+    def __init__(
+        self, request: web.Request, ws: web.WebSocketResponse, session: Session, client_id: str | None
+    ):
         self.app = request.app
         self.owner = current_user(request)
         self.ws = ws
@@ -40,7 +42,9 @@ class Connection:
     async def pump(self, after: int) -> None:
         """Replay then live, until the socket closes. A store failure closes the socket (the client resumes)."""
         try:
-            async for item in follow(self.app[keys.STORE], self.app[keys.HUB], self.session.session_id, after):
+            async for item in follow(
+                self.app[keys.STORE], self.app[keys.HUB], self.session.session_id, after
+            ):
                 await self.send(item.to_json() if isinstance(item, Entry) else item)
         except ServiceError as exc:
             log.warning("closing a websocket of %s: %s", self.session.session_id, exc.message)
@@ -133,8 +137,13 @@ async def chat_queue(request: web.Request) -> web.StreamResponse:
     pump: asyncio.Task[None] | None = None
     try:
         await conn.send(
-            {"type": "session", "session_id": session.session_id, "status": session.status.value,
-             "last_seq": session.last_seq, "replay_from": after}
+            {
+                "type": "session",
+                "session_id": session.session_id,
+                "status": session.status.value,
+                "last_seq": session.last_seq,
+                "replay_from": after,
+            }
         )
         pump = asyncio.create_task(conn.pump(after))
         await _receive(conn)

@@ -40,7 +40,13 @@ class ServerProcess:
         self._seen_listening.clear()
         cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *self.args]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         assert self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
@@ -50,7 +56,7 @@ class ServerProcess:
         return self
 
     def _read(self, stream: IO[str]) -> None:
-        with self.log_path.open("a") as log:
+        with stream, self.log_path.open("a") as log:
             for line in stream:
                 self.lines.append(line)
                 log.write(line)

@@ -15,14 +15,21 @@ pytestmark = pytest.mark.slow
 
 
 def _replies(page: dict[str, Any]) -> list[str]:
-    return [e["content"] for e in page["messages"] if e["type"] == "TextMessage" and e["source"] == "assistant"]
+    return [
+        e["content"] for e in page["messages"] if e["type"] == "TextMessage" and e["source"] == "assistant"
+    ]
 
 
 async def _chat(server: ServerProcess, session: str, text: str, msg_id: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws_url}?session_id={session}") as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"{server.ws_url}?session_id={session}") as ws,
+    ):
         hello = await ws.receive_json()
         await ws.send_json({"type": "TextMessage", "content": text, "client_msg_id": msg_id})
-        frames = await receive_until(ws, lambda f: f.get("type") == "run_completed" and f["seq"] > hello["last_seq"])
+        frames = await receive_until(
+            ws, lambda f: f.get("type") == "run_completed" and f["seq"] > hello["last_seq"]
+        )
         return frames
 
 
@@ -47,8 +54,9 @@ async def test_sigkill_right_after_ack_loses_nothing(tmp_path: Path) -> None:
         await _chat(server, "k1", "my name is Ada", "m1")
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws_url}?session_id=k1") as ws:
             await ws.receive_json()
-            await ws.send_json({"type": "TextMessage", "content": "[[sleep:1]] what is my name?",
-                                "client_msg_id": "m2"})
+            await ws.send_json(
+                {"type": "TextMessage", "content": "[[sleep:1]] what is my name?", "client_msg_id": "m2"}
+            )
             ack = await receive_until(ws, lambda f: f.get("type") == "ack")
             server.kill()  # right after the ack: the message must survive
         assert ack[-1]["client_msg_id"] == "m2"

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
-from tests.web import run_until_idle, make_config
+from tests.web import make_config, run_until_idle
 
 Client = TestClient[Any, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -34,7 +34,7 @@ async def test_session_lifecycle(client: Client) -> None:
     assert generated["session_id"].startswith("s_")
     await client.post("/sessions/s1/messages", json={"content": "hi"})
     listed = await (await client.get("/sessions")).json()
-    assert [s["session_id"] for s in listed["sessions"]][0] == "s1"  # newest activity first
+    assert next(s["session_id"] for s in listed["sessions"]) == "s1"  # newest activity first
     assert (await client.get("/sessions/s1")).status == 200
     assert (await client.delete("/sessions/s1")).status == 204
     assert (await client.get("/sessions/s1")).status == 404
@@ -44,13 +44,19 @@ async def test_session_lifecycle(client: Client) -> None:
 
 async def test_conversation_over_http(client: Client) -> None:
     for i, text in enumerate(["one", "two", "three"], start=1):
-        queued = await client.post("/sessions/chat/messages", json={"content": text, "client_msg_id": f"m{i}"})
+        queued = await client.post(
+            "/sessions/chat/messages", json={"content": text, "client_msg_id": f"m{i}"}
+        )
         assert queued.status == 202
         await run_until_idle(client)
     page = await (await client.get("/sessions/chat/messages?after=0&limit=1000")).json()
     seqs = [e["seq"] for e in page["messages"]]
-    assert seqs == list(range(1, len(seqs) + 1)) and page["last_seq"] == seqs[-1] and page["has_more"] is False
-    replies = [e["content"] for e in page["messages"] if e["type"] == "TextMessage" and e["source"] == "assistant"]
+    assert (
+        seqs == list(range(1, len(seqs) + 1)) and page["last_seq"] == seqs[-1] and page["has_more"] is False
+    )
+    replies = [
+        e["content"] for e in page["messages"] if e["type"] == "TextMessage" and e["source"] == "assistant"
+    ]
     assert [r.endswith(f"[context: {n}]") for n, r in enumerate(replies, start=1)] == [True, True, True]
     starts = [e for e in page["messages"] if e["type"] == "run_started"]
     assert starts[0]["attempt"] == 1 and starts[0]["input_seq"] == 1
@@ -59,9 +65,15 @@ async def test_conversation_over_http(client: Client) -> None:
 
 
 async def test_enqueue_is_idempotent_by_client_msg_id(client: Client) -> None:
-    first = await (await client.post("/sessions/s/messages", json={"content": "x", "client_msg_id": "a"})).json()
+    first = await (
+        await client.post("/sessions/s/messages", json={"content": "x", "client_msg_id": "a"})
+    ).json()
     again = await client.post("/sessions/s/messages", json={"content": "x", "client_msg_id": "a"})
-    assert again.status == 202 and await again.json() == first == {"seq": 1, "client_msg_id": "a", "status": "queued"}
+    assert again.status == 202 and await again.json() == first == {
+        "seq": 1,
+        "client_msg_id": "a",
+        "status": "queued",
+    }
     page = await (await client.get("/sessions/s/messages")).json()
     assert [e["seq"] for e in page["messages"]] == [1]
 
@@ -101,8 +113,11 @@ async def test_queue_full_and_limits(tmp_path: Path, aiohttp_client: MakeClient)
     assert full.status == 429 and (await full.json())["error"]["code"] == "queue_full"
     long = await client.post("/sessions/r/messages", json={"content": "x" * 11})
     assert long.status == 413 and (await long.json())["error"]["code"] == "too_large"
-    huge = await client.post("/sessions/r/messages", data=b'{"content": "' + b"x" * 5000 + b'"}',
-                             headers={"Content-Type": "application/json"})
+    huge = await client.post(
+        "/sessions/r/messages",
+        data=b'{"content": "' + b"x" * 5000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert huge.status == 413 and (await huge.json())["error"]["code"] == "too_large"
     assert (await client.get("/sessions/r")).status == 404  # nothing was created by the refused writes
 
@@ -159,9 +174,14 @@ async def test_health_ready_metrics_openapi_and_page(client: Client) -> None:
     await client.post("/sessions/m/messages", json={"content": "count me"})
     await run_until_idle(client)
     metrics = await (await client.get("/metrics")).text()
-    for name in ("service_inputs_enqueued_total 1.0", "service_runs_total{outcome=\"completed\"} 1.0",
-                 "service_run_duration_seconds_count 1.0", "service_inputs_queued 0.0",
-                 "service_websocket_connections", "service_entries_appended_total"):
+    for name in (
+        "service_inputs_enqueued_total 1.0",
+        'service_runs_total{outcome="completed",team="default"} 1.0',
+        "service_run_duration_seconds_count 1.0",
+        "service_inputs_queued 0.0",
+        "service_websocket_connections",
+        "service_entries_appended_total",
+    ):
         assert name in metrics, name
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.") and "/sessions/{session_id}/messages" in spec["paths"]

@@ -36,14 +36,20 @@ async def client(aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
 async def test_tokens_are_required_and_checked(client: Client) -> None:
     bad_tokens = {
         "none": {},
-        "bad signature": {"Authorization": f"Bearer {token('alice', secret='another-secret-0123456789abcdef')}"},
+        "bad signature": {
+            "Authorization": f"Bearer {token('alice', secret='another-secret-0123456789abcdef-xyz')}"
+        },
         "expired": {"Authorization": f"Bearer {token('alice', exp_in_s=-60)}"},
         "garbage": {"Authorization": "Bearer not.a.token"},
         "no sub": {"Authorization": "Bearer " + jwt.encode({"exp": int(time.time()) + 60}, SECRET, "HS256")},
     }
     for name, headers in bad_tokens.items():
-        for method, path in (("GET", "/sessions"), ("POST", "/sessions"), ("GET", "/sessions/x/events"),
-                             ("GET", "/ws/chat/queue")):
+        for method, path in (
+            ("GET", "/sessions"),
+            ("POST", "/sessions"),
+            ("GET", "/sessions/x/events"),
+            ("GET", "/ws/chat/queue"),
+        ):
             response = await client.request(method, path, headers=headers)
             assert response.status == 401, (name, path)
             assert (await response.json())["error"]["code"] == "unauthorized"
@@ -54,11 +60,19 @@ async def test_tokens_are_required_and_checked(client: Client) -> None:
 
 async def test_another_owners_session_is_404_everywhere(client: Client) -> None:
     alice, bob = bearer("alice"), bearer("bob")
-    assert (await client.post("/sessions/a1/messages", json={"content": "secret"}, headers=alice)).status == 202
-    paths = [("GET", "/sessions/a1", None), ("DELETE", "/sessions/a1", None),
-             ("GET", "/sessions/a1/messages", None), ("POST", "/sessions/a1/messages", {"content": "x"}),
-             ("POST", "/sessions/a1/cancel", None), ("GET", "/sessions/a1/cursors/c", None),
-             ("PUT", "/sessions/a1/cursors/c", {"seq": 1}), ("GET", "/sessions/a1/events", None)]
+    assert (
+        await client.post("/sessions/a1/messages", json={"content": "secret"}, headers=alice)
+    ).status == 202
+    paths = [
+        ("GET", "/sessions/a1", None),
+        ("DELETE", "/sessions/a1", None),
+        ("GET", "/sessions/a1/messages", None),
+        ("POST", "/sessions/a1/messages", {"content": "x"}),
+        ("POST", "/sessions/a1/cancel", None),
+        ("GET", "/sessions/a1/cursors/c", None),
+        ("PUT", "/sessions/a1/cursors/c", {"seq": 1}),
+        ("GET", "/sessions/a1/events", None),
+    ]
     for method, path, payload in paths:
         response = await client.request(method, path, json=payload, headers=bob)
         assert response.status == 404, (method, path)

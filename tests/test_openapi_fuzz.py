@@ -19,12 +19,30 @@ def test_schemathesis_finds_no_server_errors_and_no_spec_drift(tmp_path: Path) -
     try:
         st = Path(sys.executable).parent / "schemathesis"
         result = subprocess.run(
-            [str(st), "run", f"{server.url}/openapi.json",
-             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
-                         "response_schema_conformance",
-             "--max-examples", "25", "--workers", "1", "--seed", "1", "--phases", "examples,coverage,fuzzing",
-             "--max-time", "120", "--suppress-health-check", "all"],
-            capture_output=True, text=True, timeout=280, cwd=tmp_path,
+            [
+                str(st),
+                "run",
+                f"{server.url}/openapi.json",
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,"
+                "response_schema_conformance",
+                "--max-examples",
+                "25",
+                "--workers",
+                "1",
+                "--seed",
+                "1",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-time",
+                "120",
+                "--suppress-health-check",
+                "all",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=280,
+            cwd=tmp_path,
         )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
         assert server.stop() == 0

@@ -18,8 +18,9 @@ Client = TestClient[Any, web.Application]
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-async def client(request: pytest.FixtureRequest, tmp_path: Path,
-                 aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+async def client(
+    request: pytest.FixtureRequest, tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> Client:
     database = "memory://" if request.param == "memory" else str(tmp_path / "sse.db")
     return await aiohttp_client(create_app(make_config(database)))
 

@@ -21,8 +21,9 @@ def completed(frame: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-async def client(request: pytest.FixtureRequest, tmp_path: Path,
-                 aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+async def client(
+    request: pytest.FixtureRequest, tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> Client:
     database = "memory://" if request.param == "memory" else str(tmp_path / "ws.db")
     return await aiohttp_client(create_app(make_config(database, max_frame_bytes=1000)))
 
@@ -49,24 +50,20 @@ async def test_resume_mid_stream_has_no_gap_and_no_duplicate(client: Client) -> 
     ws = await client.ws_connect("/ws/chat/queue?session_id=r1")
     await ws.receive_json()
     await ws.send_json({"type": "TextMessage", "content": "first"})
-    await receive_until(ws, completed)
+    before = await receive_until(ws, completed)
     await ws.send_json({"type": "TextMessage", "content": "a long answer please " * 20})
-    first = await receive_until(ws, lambda f: f.get("seq") is None)  # a chunk: the run is mid-stream
-    seen = [f["seq"] for f in durable(first)]
+    during = await receive_until(ws, lambda f: f.get("seq") is None)  # a chunk: the run is mid-stream
+    seen = [f["seq"] for f in durable(before + during)]
     await ws.close()  # disconnecting never cancels the run
     ws2 = await client.ws_connect(f"/ws/chat/queue?session_id=r1&after={seen[-1]}")
     hello = await ws2.receive_json()
     assert hello["replay_from"] == seen[-1]
     rest = await receive_until(ws2, completed)
-    all_seqs = [*_seqs_before(first), *[f["seq"] for f in durable(rest)]]
+    all_seqs = seen + [f["seq"] for f in durable(rest)]
     assert all_seqs == list(range(1, all_seqs[-1] + 1))
     reply = [f for f in durable(rest) if f["type"] == "TextMessage" and f["source"] == "assistant"]
     assert reply and reply[-1]["content"].endswith("[context: 2]")
     await ws2.close()
-
-
-def _seqs_before(frames: list[dict[str, Any]]) -> list[int]:
-    return [f["seq"] for f in durable(frames)]
 
 
 async def test_stored_cursor_per_client_and_two_clients(client: Client) -> None:
@@ -102,11 +99,15 @@ async def test_bad_frames_get_errors_and_the_connection_stays(client: Client) ->
     ws = await client.ws_connect("/ws/chat/queue?session_id=b1")
     await ws.receive_json()
     bad: list[tuple[Any, str]] = [
-        ("not json", "bad_request"), ("[1,2]", "bad_request"), ('"text"', "bad_request"),
-        ('{"type": "Shout"}', "bad_request"), ('{"type": "TextMessage"}', "bad_request"),
-        ('{"type": "TextMessage", "content": 42}', "bad_request"), ('{"no": "type"}', "bad_request"),
-        ('{"type": "ack", "seq": "x"}', "bad_request"), ('{"type": "TextMessage", "content": "' + "x" * 1200 + '"}',
-                                                         "too_large"),
+        ("not json", "bad_request"),
+        ("[1,2]", "bad_request"),
+        ('"text"', "bad_request"),
+        ('{"type": "Shout"}', "bad_request"),
+        ('{"type": "TextMessage"}', "bad_request"),
+        ('{"type": "TextMessage", "content": 42}', "bad_request"),
+        ('{"no": "type"}', "bad_request"),
+        ('{"type": "ack", "seq": "x"}', "bad_request"),
+        ('{"type": "TextMessage", "content": "' + "x" * 1200 + '"}', "too_large"),
         (b"\x00\x01binary", "bad_request"),
     ]
     for frame, code in bad:
@@ -119,7 +120,9 @@ async def test_bad_frames_get_errors_and_the_connection_stays(client: Client) ->
     await ws.send_json({"type": "TextMessage", "content": "still here", "client_msg_id": "ok1"})
     frames = await receive_until(ws, completed)
     assert {"type": "ack", "client_msg_id": "ok1", "seq": 1} in frames
-    assert (await (await client.get("/sessions/b1/messages")).json())["messages"][0]["content"] == "still here"
+    assert (await (await client.get("/sessions/b1/messages")).json())["messages"][0][
+        "content"
+    ] == "still here"
     await ws.close()
 
 

@@ -10,8 +10,14 @@ from aiohttp.test_utils import TestClient
 from service import keys
 from service.config import Config
 
-FAST = {"retry_base_delay_s": 0.01, "retry_max_delay_s": 0.02, "poll_interval_s": 0.05, "grace_s": 2.0,
-        "heartbeat_s": 0.2, "lease_s": 5.0}
+FAST = {
+    "retry_base_delay_s": 0.01,
+    "retry_max_delay_s": 0.02,
+    "poll_interval_s": 0.05,
+    "grace_s": 2.0,
+    "heartbeat_s": 0.2,
+    "lease_s": 5.0,
+}
 
 
 def make_config(database: str, **overrides: Any) -> Config:
@@ -35,4 +41,5 @@ async def receive_until(ws: Any, predicate: Any, limit: int = 500) -> list[dict[
 
 
 def durable(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [f for f in frames if f.get("seq") is not None]
+    """Log entries only (an ack frame has a seq too, but is not an entry)."""
+    return [f for f in frames if f.get("seq") is not None and "created_at" in f]

@@ -22,7 +22,9 @@ def open_store(url: str, *, clock: Clock = utcnow, sqlite_synchronous: str = "FU
         # As in SQLAlchemy: sqlite:///rel/path is relative, sqlite:////abs/path is absolute.
         path = url.removeprefix("sqlite://").removeprefix("/")
     elif "://" in url:
-        raise BadRequest(f"unsupported database URL {url!r}: use a file path, sqlite:///path, memory:// or postgresql://")
+        raise BadRequest(
+            f"unsupported database URL {url!r}: use a file path, sqlite:///path, memory:// or postgresql://"
+        )
     else:
         path = url
     from service.queue.sqlite import SqliteStore

@@ -14,7 +14,8 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int) -> float:
         """Backoff before attempt ``attempt + 1``, after attempt ``attempt`` (1-based) failed."""
-        return float(min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempt - 1)))
+        # Cap the exponent first: 2.0 ** 10_000 overflows a float.
+        return float(min(self.max_delay_s, self.base_delay_s * 2 ** min(max(0, attempt - 1), 60)))
 
     def next_attempt_at(self, attempt: int, now: datetime) -> datetime | None:
         """When to try again after attempt ``attempt`` failed, or None when it was the last one."""

@@ -55,7 +55,9 @@ class Store(Protocol):
         """True when the database answers and every known migration is applied."""
 
     # --- sessions, log, cursors -------------------------------------------------------------------------------
-    async def create_session(self, owner: str, session_id: str | None, team: str, title: str | None) -> Session:
+    async def create_session(
+        self, owner: str, session_id: str | None, team: str, title: str | None
+    ) -> Session:
         """Create an idle session. ``session_id=None`` generates one (``s_`` + 16 hex chars).
         Raises Conflict when the id exists (whoever owns it)."""
 
@@ -70,7 +72,12 @@ class Store(Protocol):
         A run of it still going gets LeaseLost on its next write."""
 
     async def read_log(
-        self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = DEFAULT_PAGE
+        self,
+        session_id: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        limit: int = DEFAULT_PAGE,
     ) -> Page:
         """A page of entries, oldest first, at most ``limit`` (callers clamp it to 1..MAX_PAGE).
 
