@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 
-from service.errors import IncompatibleDatabase, StoreUnavailable
+from service.errors import BadRequest, IncompatibleDatabase, StoreUnavailable
 from service.models import RUN_COMPLETED, RUN_STARTED, Claim, NewEntry, lifecycle
 from service.queue.migrate import load_migrations
 from service.queue.postgres import PostgresStore
@@ -280,3 +280,25 @@ async def test_read_only_database_fails_writes_with_store_unavailable(pg_url: st
                 continue  # a pooled connection that died with the termination above
         assert page is not None
         assert [e.content for e in page.messages] == ["kept"]
+
+
+async def test_nul_characters_and_key_order_survive(pg_url: str, clock: FakeClock) -> None:
+    # JSONB and TEXT cannot hold NUL; the schema uses JSON for bodies so any message a client or model sends fits.
+    async with instances(pg_url, clock, n=1) as (store,):
+        await store.enqueue(OWNER, "s1", "before\x00after", None)
+        claim = await store.claim("w1", LEASE_S)
+        assert claim is not None and claim.content == "before\x00after"
+        body = {"zeta": "\x00", "alpha": [1, 2.5, None, True], "mid": {"b": 1, "a": 2}}
+        await store.append(
+            claim, [NewEntry("ToolCallRequestEvent", "assistant", body, {"z": 1, "a": "\x00"})]
+        )
+        await store.finish(claim, lifecycle(RUN_COMPLETED, "done"), {"y": "\x00", "x": 1})
+        user, entry, _ = (await store.read_log("s1")).messages
+        assert user.content == "before\x00after"
+        assert entry.content == body and list(entry.content) == ["zeta", "alpha", "mid"]
+        assert list(entry.metadata) == ["z", "a"] and entry.metadata["a"] == "\x00"
+        assert await store.load_team_state("s1") == {"y": "\x00", "x": 1}
+        # A NUL in a plain text column (a title) is the caller's error, not an outage.
+        with pytest.raises(BadRequest):
+            await store.create_session(OWNER, "s2", "default", "bad\x00title")
+        assert await store.get_session(OWNER, "s2") is None

@@ -1,5 +1,7 @@
 -- The durable log and queue (PostgreSQL). Same tables, columns and meaning as migrations/sqlite/0001_initial.sql.
 -- Times are timestamptz written from the service's clock (never now()), so tests on a fake clock behave alike.
+-- Message bodies are JSON, not JSONB: JSONB (like TEXT) cannot hold a NUL character, which a user or a model may
+-- well send, and it reorders object keys; JSON keeps the text as written (as SQLite does). Nothing queries into it.
 
 CREATE TABLE sessions (
     session_id  TEXT PRIMARY KEY,
@@ -11,7 +13,7 @@ CREATE TABLE sessions (
     -- Seq allocation: UPDATE ... SET last_seq = last_seq + n RETURNING last_seq; the row lock serialises the
     -- writers of one session, so seqs are contiguous whatever the concurrency.
     last_seq    BIGINT NOT NULL DEFAULT 0,
-    team_state  JSONB,
+    team_state  JSON,
     created_at  TIMESTAMPTZ NOT NULL,
     updated_at  TIMESTAMPTZ NOT NULL
 );
@@ -25,10 +27,10 @@ CREATE TABLE entries (
     seq            BIGINT NOT NULL,
     type           TEXT NOT NULL,
     source         TEXT NOT NULL,
-    content        JSONB,
+    content        JSON,
     run_id         TEXT,
     client_msg_id  TEXT,
-    metadata       JSONB NOT NULL DEFAULT '{}'::jsonb,
+    metadata       JSON NOT NULL DEFAULT '{}'::json,
     created_at     TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
@@ -39,7 +41,7 @@ CREATE TABLE inputs (
     id                BIGSERIAL PRIMARY KEY,
     session_id        TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
     input_seq         BIGINT NOT NULL,
-    content           TEXT NOT NULL,
+    content           JSON NOT NULL,  -- a JSON string: TEXT cannot hold NUL
     status            TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'running', 'done')),
     attempt           INTEGER NOT NULL DEFAULT 1,
     not_before        TIMESTAMPTZ NOT NULL,

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from service.errors import Conflict, ServiceError, StoreUnavailable
+from service.errors import BadRequest, Conflict, ServiceError, StoreUnavailable
 from service.models import (
     Entry,
     NewEntry,
@@ -25,6 +25,7 @@ from service.queue import postgres_sql as q
 from service.queue.migrate import load_migrations, pending
 from service.queue.postgres_notify import Notifier
 from service.queue.postgres_schema import (
+    BAD_INPUT_ERRORS,
     CONNECT_TIMEOUT_S,
     DRIVER_ERRORS,
     applied_versions,
@@ -93,6 +94,8 @@ class PostgresBase:
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 yield conn
+        except BAD_INPUT_ERRORS as exc:
+            raise BadRequest(f"the database cannot store this value: {exc}") from exc
         except DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 

@@ -121,7 +121,7 @@ class Notifier:
             return  # our own commit: local waiters were woken directly
         if channel == WORK_CHANNEL:
             self.wake_work()
-        elif channel == LOG_CHANNEL and len(parts) == 3 and self._listeners:
+        elif channel == LOG_CHANNEL and len(parts) == 3 and parts[1].isdigit() and self._listeners:
             session_id, last_seq = parts[0], int(parts[1])
             self._pending[session_id] = max(self._pending.get(session_id, 0), last_seq)
             self._pending_ready.set()

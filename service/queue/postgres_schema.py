@@ -24,6 +24,13 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 
+# A value PostgreSQL cannot store (a NUL character in a text column, a number out of range): the caller's input,
+# not an outage, so it is a 400 rather than a 503 that invites retrying. Checked before DRIVER_ERRORS.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,  # SQLSTATE class 22, from the server
+    asyncpg.exceptions._base.DataError,  # refused by asyncpg before sending
+)
+
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"""
