@@ -31,11 +31,16 @@ _FILTER = DemoteRuntimeTracebacks()
 
 
 def install_log_filters() -> None:
-    """Idempotent: add the filter to AutoGen's runtime logger(s)."""
+    """Idempotent: add the filter to AutoGen's runtime logger(s). Unless configured otherwise, AutoGen's loggers
+    are set to WARNING: at INFO they log every message payload (user content, tracebacks) several times."""
     for name in _RUNTIME_LOGGERS:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    for name in ("autogen_core", "autogen_core.events", "autogen_agentchat"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def secrets_in_env() -> list[str]:

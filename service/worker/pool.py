@@ -85,6 +85,7 @@ class WorkerPool:
         self.failed: BaseException | None = None
         self._deps = RunDeps(store, hub, teams, retry, clock, poll_interval_s)
         self._poll_interval_s = poll_interval_s
+        # By run id: a fenced run of a session may still be winding down while its retry already runs.
         self._runs: dict[str, tuple[Run, asyncio.Task[None]]] = {}
         self._side_tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -98,11 +99,10 @@ class WorkerPool:
 
     def cancel(self, session_id: str) -> bool:
         """Cancel the session's run in this process now. False when none runs here."""
-        entry = self._runs.get(session_id)
-        if entry is None:
-            return False
-        entry[0].stop(StopReason.CANCEL)
-        return True
+        runs = [run for run, _ in self._runs.values() if run.claim.session_id == session_id and not run.done]
+        for run in runs:
+            run.stop(StopReason.CANCEL)
+        return bool(runs)
 
     async def start(self) -> None:
         """Recover expired leases, then claim and run in the background until ``stop()``."""
@@ -162,7 +162,7 @@ class WorkerPool:
                 break
             run = Run(claim, self._deps, self._notify)
             task = asyncio.create_task(self._run(run), name=f"run-{claim.run_id}")
-            self._runs[claim.session_id] = (run, task)
+            self._runs[claim.run_id] = (run, task)
             started += 1
         return started
 
@@ -182,7 +182,7 @@ class WorkerPool:
                 error_line(exc),
             )
         finally:
-            self._runs.pop(run.claim.session_id, None)
+            self._runs.pop(run.claim.run_id, None)
             duration_s = time.monotonic() - began
             self.stats.count(outcome)
             self.stats.durations_s.append(duration_s)

@@ -183,6 +183,19 @@ class Run:
         return team
 
     async def _stream(self, team: Team) -> TaskResult:
+        """Consume the run in an inner task: if OUR task is cancelled (a crash in tests, a hard stop), the
+        cancellation must reach AutoGen as a token cancel, or the stream's cleanup waits for the chat (and any
+        pending input) forever (AUTOGEN.md 4 D)."""
+        inner = asyncio.ensure_future(self._consume(team))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if not inner.done():
+                self.token.cancel()
+                await asyncio.gather(inner, return_exceptions=True)
+            raise
+
+    async def _consume(self, team: Team) -> TaskResult:
         result: TaskResult | None = None
         stream = team.run_stream(
             task=self.claim.content, cancellation_token=self.token, output_task_messages=False
@@ -293,9 +306,37 @@ class Run:
         return "Run started." if self.claim.attempt == 1 else f"Run started (attempt {self.claim.attempt})."
 
 
+def drop_delivered_buffers(state: Mapping[str, Any]) -> dict[str, Any]:
+    """After a mid-turn cancel, the speaking agent's container still buffers the messages it had already added
+    to its model context (the buffer is cleared only when a turn completes), so loading the state would deliver
+    them twice. Drop such a buffer when its messages are the user messages at the end of the agent's context."""
+    agents = dict(state.get("agent_states", {}))
+    for name, container in agents.items():
+        if not isinstance(container, dict) or not container.get("message_buffer"):
+            continue
+        context = container.get("agent_state", {}).get("llm_context", {}).get("messages", [])
+        if _delivered(container["message_buffer"], context):
+            agents[name] = {**container, "message_buffer": []}
+    return {**state, "agent_states": agents}
+
+
+def _delivered(buffer: list[dict[str, Any]], context: list[dict[str, Any]]) -> bool:
+    tail = list(context)
+    while tail and tail[-1].get("type") != "UserMessage":
+        tail.pop()  # what the agent produced in the cancelled turn (a tool call, its result)
+    if len(tail) < len(buffer):
+        return False
+    added = tail[len(tail) - len(buffer) :]
+    return all(
+        isinstance(b.get("content"), str)
+        and (b.get("source"), b.get("content")) == (c.get("source"), c.get("content"))
+        for b, c in zip(buffer, added, strict=True)
+    )
+
+
 async def _saved_state(team: Team) -> dict[str, Any] | None:
     try:
-        return dict(await team.save_state())
+        return drop_delivered_buffers(await team.save_state())
     except Exception as exc:  # the cancel still counts; the next run starts from the previous state
         log.warning("could not save the team state after a cancel: %s", error_line(exc))
         return None
