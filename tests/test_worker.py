@@ -49,7 +49,11 @@ class World:
         return (await self.store.read_log(session_id, after=0, limit=1000)).messages
 
     async def replies(self, session_id: str) -> list[str]:
-        return [e.content for e in await self.log(session_id) if e.type == "TextMessage" and e.source == "assistant"]
+        return [
+            e.content
+            for e in await self.log(session_id)
+            if e.type == "TextMessage" and e.source == "assistant"
+        ]
 
     async def status(self, session_id: str) -> SessionStatus:
         session = await self.store.get_session(OWNER, session_id)
