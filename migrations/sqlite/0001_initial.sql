@@ -1,7 +1,7 @@
 -- The durable log and the input queue (SQLite dialect; migrations/postgres/0001_initial.sql is its twin).
--- Times: created_at/updated_at are fixed-width ISO 8601 UTC strings with microseconds ("2026-11-24T10:00:00.123456Z"),
--- so they sort and compare as text; not_before and lease_expires_at are unix seconds (REAL), compared with the
--- store's clock in the claim and recovery queries.
+-- Times: created_at/updated_at are fixed-width ISO 8601 UTC strings with microseconds
+-- ("2026-11-24T10:00:00.123456+00:00"), so they sort and compare as text; not_before and lease_expires_at are
+-- unix seconds (REAL), compared with the store's clock in the claim and recovery queries.
 
 CREATE TABLE sessions (
     session_id  TEXT PRIMARY KEY,

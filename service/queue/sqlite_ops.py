@@ -42,7 +42,8 @@ VALUES (?, ?, ?, 'queued', 1, ?, ?)"""
 
 # Per-session FIFO and one running input per session, as a WHERE clause: the oldest queued input that is due,
 # whose session has nothing running and no older queued input (a retry waiting on backoff keeps its place).
-CLAIMABLE = """SELECT i.id FROM inputs AS i
+CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team
+FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
 WHERE i.status = 'queued' AND i.not_before <= :now
   AND NOT EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id AND r.status = 'running')
   AND NOT EXISTS (SELECT 1 FROM inputs AS o WHERE o.session_id = i.session_id AND o.status = 'queued'
@@ -50,16 +51,22 @@ WHERE i.status = 'queued' AND i.not_before <= :now
 ORDER BY i.id LIMIT 1"""
 TAKE = """UPDATE inputs SET status = 'running', lease_token = ?, lease_expires_at = ?, worker_id = ?,
 run_id = ?, cancel_requested = 0 WHERE id = ?"""
-CLAIM_ROW = """SELECT i.session_id, s.owner, s.team, i.input_seq, i.content, i.attempt
-FROM inputs AS i JOIN sessions AS s USING (session_id) WHERE i.id = ?"""
 
 # Lease fencing: every write of a run names its token, and matches nothing once the input was recovered.
-FENCE = "SELECT attempt FROM inputs WHERE id = ? AND lease_token = ? AND status = 'running'"
+FENCE = """SELECT s.last_seq FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
+WHERE i.id = ? AND i.lease_token = ? AND i.status = 'running'"""
 DONE = """UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
 REQUEUE = """UPDATE inputs SET status = 'queued', attempt = attempt + 1, not_before = ?, lease_token = NULL,
 lease_expires_at = NULL, worker_id = NULL, cancel_requested = 0
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
+# One statement moves everything a write changes on the session; NULL keeps the old status / team state.
+# With :queued_first, the status becomes 'queued' when inputs of the session wait (a run just ended).
+TOUCH = """UPDATE sessions SET last_seq = :last, updated_at = :now, team_state = coalesce(:state, team_state),
+status = CASE WHEN :status IS NULL THEN status
+              WHEN :queued_first AND EXISTS (SELECT 1 FROM inputs WHERE session_id = :sid AND status = 'queued')
+              THEN 'queued' ELSE :status END
+WHERE session_id = :sid"""
 HEARTBEAT = (
     """UPDATE inputs SET lease_expires_at = ? WHERE id = ? AND lease_token = ? AND status = 'running'"""
 )
@@ -126,11 +133,6 @@ def set_status(conn: sqlite3.Connection, session_id: str, status: SessionStatus,
     )
 
 
-def has_queued(conn: sqlite3.Connection, session_id: str) -> bool:
-    sql = "SELECT 1 FROM inputs WHERE session_id = ? AND status = 'queued' LIMIT 1"
-    return conn.execute(sql, (session_id,)).fetchone() is not None
-
-
 # --- log and cursors ---
 def append_entries(
     conn: sqlite3.Connection,
@@ -139,26 +141,32 @@ def append_entries(
     news: Sequence[NewEntry],
     run_id: str | None,
     client_msg_id: str | None = None,
+    *,
+    last: int | None = None,
+    status: SessionStatus | None = None,
+    queued_first: bool = False,
+    team_state: dict[str, Any] | None = None,
 ) -> list[Entry]:
-    """Number the entries after the session's last seq (contiguous: the writer lock serialises appends)."""
-    (last,) = conn.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+    """Number the entries after the session's last seq (contiguous: the writer lock serialises appends) and
+    update the session in the same statement. ``last`` saves a read when the caller already has last_seq."""
+    if last is None:
+        (last,) = conn.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+    assert last is not None
     created = stamp(now)
-    entries = [
-        Entry(last + i, session_id, n.type, n.source, n.content, now, run_id, client_msg_id, dict(n.metadata))
-        for i, n in enumerate(news, start=1)
-    ]
-    conn.executemany(
-        INSERT_ENTRY,
-        [
-            (e.seq, session_id, e.type, e.source, orjson.dumps(e.content).decode(), created, run_id,
-             client_msg_id, orjson.dumps(e.metadata).decode())
-            for e in entries
-        ],
-    )  # fmt: skip
-    conn.execute(
-        "UPDATE sessions SET last_seq = ?, updated_at = ? WHERE session_id = ?",
-        (last + len(entries), created, session_id),
-    )
+    entries = []
+    for seq, new in enumerate(news, start=last + 1):
+        entry = Entry(
+            seq, session_id, new.type, new.source, new.content, now, run_id, client_msg_id, dict(new.metadata)
+        )
+        conn.execute(
+            INSERT_ENTRY,
+            (seq, session_id, entry.type, entry.source, orjson.dumps(entry.content).decode(), created, run_id,
+             client_msg_id, orjson.dumps(entry.metadata).decode()),
+        )  # fmt: skip
+        entries.append(entry)
+    state = None if team_state is None else orjson.dumps(team_state).decode()
+    touch = {"last": last + len(entries), "now": created, "state": state, "sid": session_id}
+    conn.execute(TOUCH, {**touch, "status": status and status.value, "queued_first": queued_first})
     return entries
 
 
@@ -211,53 +219,73 @@ def enqueue(
     team: str,
     max_queued: int | None,
 ) -> Enqueued:
-    session = get_session(conn, session_id)
-    if session is None:
-        session = create_session(conn, now, owner, session_id, team, None)
-    elif session.owner != owner:
+    row = conn.execute(
+        "SELECT owner, status, last_seq FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        create_session(conn, now, owner, session_id, team, None)
+        row = (owner, SessionStatus.IDLE.value, 0)
+    elif row[0] != owner:
         raise NotFound(f"session {session_id!r} not found")
-    if client_msg_id is not None:
-        sql = "SELECT seq FROM entries WHERE session_id = ? AND client_msg_id = ?"
-        seen = conn.execute(sql, (session_id, client_msg_id)).fetchone()
+    if client_msg_id is not None and max_queued is not None:
+        # A duplicate is answered before the queue limit is looked at (it enqueues nothing).
+        seen = _seen(conn, session_id, client_msg_id)
         if seen is not None:
-            return Enqueued(session_id, int(seen[0]), client_msg_id, True, None)
+            return seen
     if max_queued is not None:
         sql = "SELECT count(*) FROM inputs WHERE session_id = ? AND status = 'queued'"
         (queued,) = conn.execute(sql, (session_id,)).fetchone()
         if queued >= max_queued:
             raise QueueFull(f"session {session_id!r} already has {queued} queued inputs (limit {max_queued})")
-    (entry,) = append_entries(
-        conn, now, session_id, [NewEntry("TextMessage", "user", content)], None, client_msg_id
-    )
+    # A running (or awaiting) session stays so; an idle or failed one now has work waiting.
+    status = SessionStatus.QUEUED if row[1] in (SessionStatus.IDLE, SessionStatus.FAILED) else None
+    user = NewEntry("TextMessage", "user", content)
+    try:
+        (entry,) = append_entries(
+            conn, now, session_id, [user], None, client_msg_id, last=row[2], status=status
+        )
+    except sqlite3.IntegrityError:
+        # The UNIQUE index on (session_id, client_msg_id) found the duplicate: one statement fewer on the common
+        # path than looking first. Only the failed INSERT was undone, and it ran before anything else.
+        seen = None if client_msg_id is None else _seen(conn, session_id, client_msg_id)
+        if seen is None:
+            raise
+        return seen
     conn.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now)))
-    if session.status in (SessionStatus.IDLE, SessionStatus.FAILED):
-        set_status(conn, session_id, SessionStatus.QUEUED, now)
     return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
+
+
+def _seen(conn: sqlite3.Connection, session_id: str, client_msg_id: str) -> Enqueued | None:
+    sql = "SELECT seq FROM entries WHERE session_id = ? AND client_msg_id = ?"
+    row = conn.execute(sql, (session_id, client_msg_id)).fetchone()
+    return None if row is None else Enqueued(session_id, int(row[0]), client_msg_id, True, None)
 
 
 def claim(conn: sqlite3.Connection, now: datetime, worker_id: str, lease_s: float) -> Claim | None:
     row = conn.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:
         return None
-    input_id = int(row[0])
-    token, run_id = secrets.token_hex(16), new_id("r_")
+    input_id, session_id, input_seq, content, attempt, owner, team = row
+    token = secrets.token_hex(16)
+    run_id = "r_" + token[:16]  # one draw from the OS for both; run ids are public, tokens only fence
     conn.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
-    session_id, owner, team, input_seq, content, attempt = conn.execute(CLAIM_ROW, (input_id,)).fetchone()
     set_status(conn, session_id, SessionStatus.RUNNING, now)
     return Claim(input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id)
 
 
-def fence(conn: sqlite3.Connection, claim: Claim) -> None:
-    if conn.execute(FENCE, (claim.input_id, claim.lease_token)).fetchone() is None:
+def fence(conn: sqlite3.Connection, claim: Claim) -> int:
+    """LeaseLost unless the claim still holds its input; else the session's last seq."""
+    row = conn.execute(FENCE, (claim.input_id, claim.lease_token)).fetchone()
+    if row is None:
         raise LeaseLost()
+    return int(row[0])
 
 
 def append(conn: sqlite3.Connection, now: datetime, claim: Claim, news: Sequence[NewEntry]) -> list[Entry]:
-    fence(conn, claim)
-    entries = append_entries(conn, now, claim.session_id, news, claim.run_id)
-    if any(n.type == USER_INPUT_REQUESTED for n in news):
-        set_status(conn, claim.session_id, SessionStatus.AWAITING_INPUT, now)
-    return entries
+    last = fence(conn, claim)
+    asks = any(n.type == USER_INPUT_REQUESTED for n in news)
+    status = SessionStatus.AWAITING_INPUT if asks else None
+    return append_entries(conn, now, claim.session_id, news, claim.run_id, last=last, status=status)
 
 
 def heartbeat(conn: sqlite3.Connection, now: datetime, claim: Claim, lease_s: float) -> bool:
@@ -289,17 +317,17 @@ def finish(
 ) -> Entry:
     if conn.execute(DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
-    (done,) = append_entries(conn, now, claim.session_id, [entry], claim.run_id)
-    if team_state is not None:
-        conn.execute(
-            "UPDATE sessions SET team_state = ? WHERE session_id = ?",
-            (orjson.dumps(team_state).decode(), claim.session_id),
-        )
-    if has_queued(conn, claim.session_id):
-        status = SessionStatus.QUEUED
-    else:
-        status = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
-    set_status(conn, claim.session_id, status, now)
+    status = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
+    (done,) = append_entries(
+        conn,
+        now,
+        claim.session_id,
+        [entry],
+        claim.run_id,
+        status=status,
+        queued_first=True,
+        team_state=team_state,
+    )
     return done
 
 
@@ -309,8 +337,8 @@ def requeue(
     """retry() and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
     if conn.execute(REQUEUE, (not_before.timestamp(), claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
-    (done,) = append_entries(conn, now, claim.session_id, [entry], claim.run_id)
-    set_status(conn, claim.session_id, SessionStatus.QUEUED, now)
+    status = SessionStatus.QUEUED
+    (done,) = append_entries(conn, now, claim.session_id, [entry], claim.run_id, status=status)
     return done
 
 
@@ -322,8 +350,8 @@ def recover_expired(conn: sqlite3.Connection, now: datetime) -> list[Entry]:
         sql, (now.timestamp(),)
     ).fetchall():
         conn.execute(REQUEUE, (now.timestamp(), input_id, token))
-        recovered += append_entries(conn, now, session_id, [interrupted(input_seq, attempt)], run_id)
-        set_status(conn, session_id, SessionStatus.QUEUED, now)
+        entry = interrupted(input_seq, attempt)
+        recovered += append_entries(conn, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
     return recovered
 
 
