@@ -23,6 +23,7 @@ from autogen_agentchat.messages import (
     UserInputRequestedEvent,
 )
 from autogen_core import CancellationToken
+from autogen_core.models import ChatCompletionClient
 
 from service.errors import LeaseLost
 from service.hub import Hub
@@ -87,15 +88,27 @@ def prepare_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {**state, "agent_states": agents}
 
 
+def participants(team: Team) -> list[Any]:
+    """The team's agents, nested teams included."""
+    found: list[Any] = []
+    for participant in getattr(team, "_participants", []):
+        found.extend(participants(participant) if isinstance(participant, Team) else [participant])
+    return found
+
+
+async def close_model_clients(team: Team) -> None:
+    for owner in [team, *participants(team)]:
+        client = getattr(owner, "_model_client", None)
+        if isinstance(client, ChatCompletionClient):
+            try:
+                await client.close()
+            except Exception as exc:
+                log.warning("could not close a model client: %s", error_line(exc))
+
+
 def user_proxies(team: Team) -> list[UserProxyAgent]:
     """The team's UserProxyAgents, nested teams included."""
-    found: list[UserProxyAgent] = []
-    for participant in getattr(team, "_participants", []):
-        if isinstance(participant, UserProxyAgent):
-            found.append(participant)
-        elif isinstance(participant, Team):
-            found.extend(user_proxies(participant))
-    return found
+    return [p for p in participants(team) if isinstance(p, UserProxyAgent)]
 
 
 class Run:
@@ -145,11 +158,22 @@ class Run:
 
     async def _execute(self) -> Outcome:
         try:
-            team = await self._build()
+            team = self.deps.teams.build(self.claim.team)
+        except Exception as exc:
+            return await self._failed(exc, final=isinstance(exc, TeamConfigError))
+        try:
+            return await self._execute_team(team)
+        finally:
+            # A fresh team per run means fresh model clients: close them, or every run leaks its connections.
+            await close_model_clients(team)
+
+    async def _execute_team(self, team: Team) -> Outcome:
+        try:
+            await self._prepare(team)
         except LeaseLost:
             raise
         except Exception as exc:
-            return await self._failed(exc, final=isinstance(exc, TeamConfigError))
+            return await self._failed(exc, final=False)
         await self._append([lifecycle(RUN_STARTED, self._started_text(), **self._details())])
         try:
             result = await self._stream(team)
@@ -169,8 +193,7 @@ class Run:
         self._publish([await self.deps.store.finish(self.claim, entry, state)])
         return Outcome.COMPLETED
 
-    async def _build(self) -> Team:
-        team = self.deps.teams.build(self.claim.team)
+    async def _prepare(self, team: Team) -> None:
         state = await self.deps.store.load_team_state(self.claim.session_id)
         if state is not None:
             await team.load_state(prepare_state(state))
@@ -180,7 +203,6 @@ class Run:
             proxy.input_func = self._input_func
             proxy._is_async = True
         self._proxy_names = frozenset(p.name for p in proxies)
-        return team
 
     async def _stream(self, team: Team) -> TaskResult:
         """Consume the run in an inner task: if OUR task is cancelled (a crash in tests, a hard stop), the
