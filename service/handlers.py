@@ -101,8 +101,6 @@ async def put_cursor(request: web.Request) -> web.Response:
     session = await owned_session(request)
     client_id = parse.ident(request.match_info.get("client_id"), "client_id")
     data = await parse.body(request)
-    raw = data.get("seq")
-    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-        raise BadRequest("seq must be a non-negative integer")
+    raw = parse.seq(data.get("seq"))
     seq = await _store(request).set_cursor(session.session_id, client_id, raw)
     return web.json_response({"seq": seq})

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from aiohttp import web
 
+from service import keys
+from service.parse import MAX_CLIENT_MSG_ID, MAX_INT
+
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 STATUS = {"type": "string", "enum": ["idle", "queued", "running", "awaiting_input", "failed"]}
 
 
@@ -126,7 +131,7 @@ SCHEMAS: dict[str, Any] = {
     "Cursor": {
         "type": "object",
         "required": ["seq"],
-        "properties": {"seq": {"type": "integer", "minimum": 0}},
+        "properties": {"seq": INT},
     },
 }
 
@@ -185,9 +190,9 @@ PATHS: dict[str, Any] = {
             _ref("Page"),
             COMMON,
             parameters=[
-                _param("after", "query", {"type": "integer", "minimum": 0}),
-                _param("before", "query", {"type": "integer", "minimum": 0}),
-                _param("limit", "query", {"type": "integer", "minimum": 1}),
+                _param("after", "query", INT),
+                _param("before", "query", INT),
+                _param("limit", "query", {**INT, "minimum": 1}),
             ],
         ),
         "post": _op(
@@ -199,7 +204,10 @@ PATHS: dict[str, Any] = {
                 {
                     "type": "object",
                     "required": ["content"],
-                    "properties": {"content": {"type": "string"}, "client_msg_id": {"type": "string"}},
+                    "properties": {
+                        "content": {"type": "string", "minLength": 1, "pattern": "\\S"},
+                        "client_msg_id": {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_MSG_ID},
+                    },
                 }
             ),
         ),
@@ -245,4 +253,7 @@ SPEC: dict[str, Any] = {
 
 
 async def spec_handler(request: web.Request) -> web.Response:
-    return web.json_response(SPEC)
+    spec = copy.deepcopy(SPEC)
+    create = spec["paths"]["/sessions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    create["properties"]["team"]["enum"] = request.app[keys.TEAMS].names()
+    return web.json_response(spec)

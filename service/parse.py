@@ -14,6 +14,7 @@ from service.errors import BadRequest, TooLarge
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_CLIENT_MSG_ID = 128
 MAX_TITLE = 200
+MAX_INT = 2**63 - 1  # what every backend's integer columns hold
 
 
 def ident(value: str | None, what: str) -> str:
@@ -33,8 +34,8 @@ def non_negative_int(raw: str | None, what: str, default: int | None = None) -> 
         value = int(raw)
     except ValueError as exc:
         raise BadRequest(f"{what} must be a non-negative integer, got {raw[:40]!r}") from exc
-    if value < 0:
-        raise BadRequest(f"{what} must be a non-negative integer, got {value}")
+    if not 0 <= value <= MAX_INT:
+        raise BadRequest(f"{what} must be an integer from 0 to {MAX_INT}")
     return value
 
 
@@ -88,4 +89,11 @@ def client_msg_id(data: dict[str, Any]) -> str | None:
     value = optional_str(data, "client_msg_id", MAX_CLIENT_MSG_ID)
     if value == "":
         raise BadRequest("client_msg_id must not be empty")
+    return value
+
+
+def seq(value: Any) -> int:
+    """A seq from a JSON body or frame."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        raise BadRequest(f"seq must be an integer from 0 to {MAX_INT}")
     return value

@@ -89,9 +89,7 @@ class Connection:
         await self.send({"type": "ack", "client_msg_id": queued.client_msg_id, "seq": queued.seq})
 
     async def on_ack(self, frame: dict[str, Any]) -> None:
-        seq = frame.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise BadRequest("ack needs seq, a non-negative integer")
+        seq = parse.seq(frame.get("seq"))
         if self.client_id is not None:
             await self.app[keys.STORE].set_cursor(self.session.session_id, self.client_id, seq)
 

@@ -35,7 +35,7 @@ def test_schemathesis_finds_no_server_errors_and_no_spec_drift(tmp_path: Path) -
                 "--phases",
                 "examples,coverage,fuzzing",
                 "--max-time",
-                "120",
+                "60",
                 "--suppress-health-check",
                 "all",
             ],
