@@ -35,7 +35,7 @@ from service.models import (
 from service.queue import postgres_sql as q
 from service.queue.postgres_base import PostgresBase
 
-_CLAIM_BATCH = 16
+_CLAIM_TRIES = 5
 
 
 class PostgresStore(PostgresBase):
@@ -83,32 +83,28 @@ class PostgresStore(PostgresBase):
 
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
         now = self._clock()
-        skipped: list[str] = []  # sessions another transaction holds right now
-        while True:
-            async with self._conn() as conn:
-                candidates = [
-                    r["session_id"] for r in await conn.fetch(q.CLAIMABLE, now, skipped, _CLAIM_BATCH)
-                ]
-            if not candidates:
-                return None
-            for session_id in dict.fromkeys(candidates):
-                claim = await self._claim_in(session_id, worker_id, lease_s, now)
-                if claim is not None:
-                    return claim
-                skipped.append(session_id)
+        for _ in range(_CLAIM_TRIES):
+            settled, claim = await self._try_claim(worker_id, lease_s, now)
+            if settled:
+                return claim
+        return None  # raced every time: someone else is claiming this work; a wake-up follows their commit
 
-    async def _claim_in(self, session_id: str, worker_id: str, lease_s: float, now: datetime) -> Claim | None:
+    async def _try_claim(self, worker_id: str, lease_s: float, now: datetime) -> tuple[bool, Claim | None]:
         async with self._tx() as conn:
-            if await conn.fetchval(q.LOCK_SESSION_NOWAIT, session_id) is None:
-                return None
-            input_id = await conn.fetchval(q.SESSION_HEAD, session_id, now)  # the rule, under the lock
+            # One statement finds the oldest claimable input whose session no other transaction holds, and
+            # locks that session; busy sessions are skipped, not waited for.
+            session_id = await conn.fetchval(q.PICK_SESSION, now)
+            if session_id is None:
+                return True, None
+            # The pick saw the statement's snapshot; the rule is re-checked under the lock on fresh data.
+            input_id = await conn.fetchval(q.SESSION_HEAD, session_id, now)
             if input_id is None:
-                return None
+                return False, None
             run_id, token = "r_" + secrets.token_hex(8), secrets.token_hex(16)
             expires = now + timedelta(seconds=lease_s)
             row = await conn.fetchrow(q.TAKE_INPUT, input_id, token, expires, worker_id, run_id)
             await conn.execute(q.SET_STATUS, session_id, SessionStatus.RUNNING.value, now)
-        return Claim(
+        return True, Claim(
             input_id=row["id"],
             session_id=row["session_id"],
             owner=row["owner"],

@@ -27,7 +27,6 @@ DELETE_SESSION = "DELETE FROM sessions WHERE session_id = $1 AND owner = $2 RETU
 # of sessions takes anyway): the foreign-key checks of concurrent inserts (KEY SHARE) neither block it nor
 # make claimers skip the session.
 LOCK_SESSION = "SELECT owner, status, last_seq FROM sessions WHERE session_id = $1 FOR NO KEY UPDATE"
-LOCK_SESSION_NOWAIT = "SELECT session_id FROM sessions WHERE session_id = $1 FOR NO KEY UPDATE SKIP LOCKED"
 # Seq allocation: the session row lock serialises writers, so the n new seqs are contiguous.
 ALLOCATE_SEQS = """
 UPDATE sessions SET last_seq = last_seq + $2, updated_at = $3, status = COALESCE($4, status)
@@ -60,14 +59,17 @@ COUNT_QUEUED_IN_SESSION = "SELECT count(*) FROM inputs WHERE session_id = $1 AND
 INSERT_INPUT = """
 INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at)
 VALUES ($1, $2, $3, 'queued', 1, $4, $4)"""
-# The per-session FIFO rule: queued, due, no running input in its session, no older queued one.
-CLAIMABLE = """
-SELECT i.session_id FROM inputs i
-WHERE i.status = 'queued' AND i.not_before <= $1 AND i.session_id <> ALL($2::text[])
+# The per-session FIFO rule: queued, due, no running input in its session, no older queued one. A session
+# with a running input is also 'running'/'awaiting_input': that test is re-evaluated on the newest row version
+# when the lock waits on a concurrent claimer, so a fresh claim is skipped rather than locked.
+PICK_SESSION = """
+SELECT s.session_id FROM inputs i JOIN sessions s ON s.session_id = i.session_id
+WHERE i.status = 'queued' AND i.not_before <= $1 AND s.status NOT IN ('running', 'awaiting_input')
   AND NOT EXISTS (SELECT 1 FROM inputs r WHERE r.session_id = i.session_id AND r.status = 'running')
   AND NOT EXISTS (
     SELECT 1 FROM inputs o WHERE o.session_id = i.session_id AND o.status = 'queued' AND o.id < i.id)
-ORDER BY i.id LIMIT $3"""
+ORDER BY i.id LIMIT 1
+FOR NO KEY UPDATE OF s SKIP LOCKED"""
 # Re-checked under the session row lock: the head of the session's queue, if due and nothing runs.
 SESSION_HEAD = """
 SELECT i.id FROM inputs i
