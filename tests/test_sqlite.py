@@ -8,7 +8,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from service.errors import Conflict, IncompatibleDatabase, LeaseLost, NotFound, 
 from service.models import Claim, NewEntry
 from service.queue.migrate import Migration, load_migrations
 from service.queue.sqlite import SqliteStore
-from service.queue.sqlite_conn import migrate
+from service.queue.sqlite_conn import connect, migrate
+from service.queue.sqlite_writer import Writer
 from tests.conftest import FakeClock
 
 
@@ -255,3 +256,74 @@ async def test_ping_is_false_when_a_migration_is_pending(sqlite_store: SqliteSto
         raw.execute("DELETE FROM schema_migrations")
     raw.close()
     assert not await sqlite_store.ping()
+
+
+# --- the writer on its own: failures SQLite really produces ------------------------------------------------------
+@pytest.fixture
+async def writer(db_path: str) -> AsyncIterator[Writer]:
+    w = Writer("test-writer", db_path)
+    conn = await w.open(lambda: connect(db_path, synchronous="FULL", writer=True))
+    await w.call(
+        conn.executescript,
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent (id), blob BLOB);"
+        "INSERT INTO parent (id) VALUES (1);",
+    )
+    w.start()
+    try:
+        yield w
+    finally:
+        await w.close()
+
+
+def insert_child(child_id: int, parent_id: int = 1) -> Callable[[sqlite3.Connection], int]:
+    def job(conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO child (id, parent_id) VALUES (?, ?)", (child_id, parent_id))
+        return child_id
+
+    return job
+
+
+def orphan_checked_at_commit(conn: sqlite3.Connection) -> None:
+    # A deferred foreign key is only checked by COMMIT: the job succeeds, the commit of its batch fails.
+    conn.execute("PRAGMA defer_foreign_keys = ON")
+    conn.execute("INSERT INTO child (id, parent_id) VALUES (100, 999)")
+
+
+def child_ids(path: str) -> list[int]:
+    conn = sqlite3.connect(path)
+    try:
+        return [row[0] for row in conn.execute("SELECT id FROM child ORDER BY id")]
+    finally:
+        conn.close()
+
+
+async def test_a_failed_commit_fails_every_job_of_the_batch(writer: Writer, db_path: str) -> None:
+    before = writer.commits
+    results = await asyncio.gather(
+        writer.write(insert_child(1)),
+        writer.write(orphan_checked_at_commit),
+        writer.write(insert_child(2)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreUnavailable) and "commit" in r.message for r in results), results
+    assert all(
+        isinstance(r, BaseException) and isinstance(r.__cause__, sqlite3.IntegrityError) for r in results
+    )
+    assert writer.commits == before
+    assert child_ids(db_path) == []  # nothing of the batch is on disk
+    assert await writer.write(insert_child(3)) == 3  # and the writer goes on
+    assert child_ids(db_path) == [3]
+
+
+async def test_disk_full_is_unavailable(writer: Writer, db_path: str) -> None:
+    def fill(conn: sqlite3.Connection) -> None:
+        # SQLite's own page limit gives the real SQLITE_FULL error without filling a real disk.
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        conn.execute("INSERT INTO child (id, parent_id, blob) VALUES (7, 1, zeroblob(1000000))")
+
+    ok, full = await asyncio.gather(writer.write(insert_child(1)), writer.write(fill), return_exceptions=True)
+    assert isinstance(full, StoreUnavailable) and "is full" in full.message
+    assert ok == 1 or isinstance(ok, StoreUnavailable)  # SQLite may roll back the whole transaction on FULL
+    assert 7 not in child_ids(db_path)

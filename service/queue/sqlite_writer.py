@@ -163,8 +163,11 @@ def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple
     of the writer's time on the queue benchmark)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        outcomes = _run_fast(conn, jobs)
+        outcomes, failure = _run_fast(conn, jobs)
         if outcomes is None:
+            if not conn.in_transaction:  # SQLite rolled back by itself (disk full, I/O error): all jobs fail
+                driver_error = failure if isinstance(failure, sqlite3.Error) else None
+                return _all_failed(len(jobs), path, driver_error), False
             conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             outcomes = []
@@ -174,41 +177,48 @@ def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple
                     _rollback(conn)
                     return _all_failed(len(jobs), path, None), False
                 outcomes.append(outcome)
-        conn.execute("COMMIT")
     except sqlite3.Error as exc:
         _rollback(conn)
         return _all_failed(len(jobs), path, exc), False
+    try:
+        conn.execute("COMMIT")
+    except (
+        sqlite3.Error
+    ) as exc:  # disk full, I/O error, a deferred constraint: nothing of the batch is stored
+        _rollback(conn)
+        return _all_failed(len(jobs), path, exc, commit=True), False
     return outcomes, True
 
 
-def _run_fast(conn: sqlite3.Connection, jobs: list[Job]) -> list[_Outcome] | None:
-    """Every job without savepoints; None as soon as one raises (the caller replays the batch)."""
+def _run_fast(conn: sqlite3.Connection, jobs: list[Job]) -> tuple[list[_Outcome] | None, Exception | None]:
+    """Every job without savepoints; stops at the first that raises (the caller replays the batch)."""
     outcomes = []
     for job in jobs:
         try:
             outcomes.append(_Outcome(True, job(conn)))
-        except Exception:
-            return None
-    return outcomes
+        except Exception as exc:
+            return None, exc
+    return outcomes, None
 
 
 def _run_job(conn: sqlite3.Connection, job: Job, path: str) -> _Outcome | None:
+    """One job inside its own savepoint. A driver error that took the whole transaction with it propagates (the
+    batch fails); None when a non-driver error did (should not happen)."""
     conn.execute("SAVEPOINT job")
     try:
         value = job(conn)
     except Exception as exc:
         # Domain errors (Conflict, QueueFull, LeaseLost, NotFound), constraint errors, bugs: this job only.
+        if not conn.in_transaction:
+            if isinstance(exc, sqlite3.Error):
+                raise
+            return None
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
         error: BaseException = exc
         if isinstance(exc, sqlite3.Error):
             error = translate(exc, path)
             error.__cause__ = exc
-        if not conn.in_transaction:
-            return None
-        try:
-            conn.execute("ROLLBACK TO job")
-            conn.execute("RELEASE job")
-        except sqlite3.Error:
-            return None
         return _Outcome(False, error)
     conn.execute("RELEASE job")
     return _Outcome(True, value)
@@ -221,7 +231,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _all_failed(count: int, path: str, exc: sqlite3.Error | None) -> list[_Outcome]:
+def _all_failed(count: int, path: str, exc: sqlite3.Error | None, *, commit: bool = False) -> list[_Outcome]:
     """One fresh error per job (each caller gets its own traceback), all ``from`` the driver error."""
     outcomes = []
     for _ in range(count):
@@ -230,8 +240,10 @@ def _all_failed(count: int, path: str, exc: sqlite3.Error | None) -> list[_Outco
             error = StoreUnavailable(
                 f"SQLite lost the transaction on {path}; nothing of this batch was stored"
             )
+        elif commit:
+            error = StoreUnavailable(f"the commit to {path} failed; nothing of this batch was stored ({exc})")
         else:
             error = translate(exc, path)
-            error.__cause__ = exc
+        error.__cause__ = exc
         outcomes.append(_Outcome(False, error))
     return outcomes
