@@ -86,7 +86,8 @@ class ChatPage:
     def open_new_chat(self, base_url: str) -> str:
         """Loads the page, starts a new chat, waits until it is connected; the session id."""
         self.page.goto(base_url + "/")
-        self.wait_connected()
+        if self.by_id("toggle-sessions").is_visible():  # phone width: the session list is a drawer
+            self.by_id("toggle-sessions").click()
         self.by_id("new-chat").click()
         self.page.wait_for_function("location.hash.length > 1", timeout=WAIT_MS)
         self.wait_connected()

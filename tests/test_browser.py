@@ -10,7 +10,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jwt
 import orjson
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
@@ -40,20 +42,30 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = start_server(tmp_path)
+    # A short lease: after a SIGKILL the restarted server re-queues the dead run's input once the lease expires.
+    srv = start_server(tmp_path, "--lease-s", "2", "--heartbeat-s", "0.5")
     try:
         yield srv
     finally:
         srv.kill()
 
 
-def wait_idle(server: ServerProcess, session_id: str) -> None:
-    """Polls GET /sessions/{id} until its run is over (no page is open to watch it)."""
+def http(server: ServerProcess, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = None if body is None else orjson.dumps(body)
+    req = urllib.request.Request(
+        server.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req) as resp:
+        return orjson.loads(resp.read() or b"null")
+
+
+def wait_idle(server: ServerProcess, session_id: str, last_seq: int = 0) -> None:
+    """Polls GET /sessions/{id} until its runs are over (no page is open to watch them)."""
     deadline = time.monotonic() + WAIT_MS / 1000
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{server.url}/sessions/{session_id}") as resp:
-            if orjson.loads(resp.read())["status"] == "idle":
-                return
+        session = http(server, "GET", f"/sessions/{session_id}")
+        if session["status"] == "idle" and session["last_seq"] >= last_seq:
+            return
         time.sleep(0.1)
     raise AssertionError(f"session {session_id} never went idle")
 
@@ -208,3 +220,72 @@ def test_message_typed_while_server_down_is_delivered_once(server: ServerProcess
     expect(chat.pending()).to_have_count(0)
     chat.assert_log_consistent()
     chat.page.wait_for_function("localStorage.getItem('chat.outbox') === '[]'", timeout=WAIT_MS)
+
+
+def test_tool_calls_are_compact_and_shift_enter_adds_a_line(server: ServerProcess, chat: ChatPage) -> None:
+    chat.open_new_chat(server.url)
+    chat.input.type("[[tool:calculator:6*7]] first line")
+    chat.input.press("Shift+Enter")
+    chat.input.type("second line")
+    expect(chat.pending()).to_have_count(0)  # Shift+Enter did not send
+    chat.input.press("Enter")
+
+    chat.wait_once(chat.durable(type_="ToolCallExecutionEvent", text="calculator(6*7) -> 42"))
+    chat.wait_once(chat.durable(type_="ToolCallRequestEvent", text="calculator(6*7)"))
+    chat.wait_once(chat.reply("42"))
+    user = chat.user_message("second line")
+    chat.wait_once(user)
+    assert user.locator(".text").inner_text() == "[[tool:calculator:6*7]] first line\nsecond line"
+    chat.assert_log_consistent()
+
+
+def test_older_pages_load_on_scroll_up(server: ServerProcess, chat: ChatPage) -> None:
+    session_id = http(server, "POST", "/sessions", {})["session_id"]
+    for i in range(13):  # 4 entries each (input, run_started, reply, run_completed): 52 > one page of 50
+        http(
+            server,
+            "POST",
+            f"/sessions/{session_id}/messages",
+            {"content": f"note {i}", "client_msg_id": f"n{i}"},
+        )
+    wait_idle(server, session_id, last_seq=52)
+
+    chat.page.goto(f"{server.url}/#{session_id}")
+    chat.wait_connected()
+    expect(chat.durable()).to_have_count(50)
+    assert chat.seqs()[0] == 3 and chat.seqs()[-1] == 52
+    chat.by_id("message-list").evaluate("el => { el.scrollTop = 0; }")
+    expect(chat.durable()).to_have_count(52)
+    chat.assert_log_consistent()
+    assert chat.seqs()[0] == 1
+    expect(chat.page.get_by_role("button", name="Load older messages")).to_be_hidden()
+
+
+def test_jwt_mode_asks_for_a_token(tmp_path: Path, chat: ChatPage) -> None:
+    secret = "browser-test-secret-that-is-long-enough"
+    server = start_server(
+        tmp_path,
+        "--auth",
+        "jwt",
+        "--lease-s",
+        "2",
+        "--heartbeat-s",
+        "0.5",
+        env={"SERVICE_JWT_SECRET": secret},
+    )
+    try:
+        chat.page.goto(server.url + "/")
+        form = chat.by_id("token-form")
+        expect(form).to_be_visible()
+        token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+        chat.page.get_by_label("Access token").fill(token)
+        chat.page.get_by_role("button", name="Use token").click()
+        expect(form).to_be_hidden()
+
+        chat.by_id("new-chat").click()
+        chat.wait_connected()  # the WebSocket took ?token=
+        chat.send("hello with a token")
+        chat.wait_once(chat.reply("hello with a token"))
+        assert chat.page.evaluate("sessionStorage.getItem('chat.token')") == token
+    finally:
+        server.kill()

@@ -45,6 +45,7 @@ const STATUS_TEXT = {
   failed: "Failed",
 };
 const CONN_TEXT = {
+  idle: "No chat open",
   connecting: "Connecting…",
   connected: "Connected",
   reconnecting: "Reconnecting…",
@@ -76,6 +77,12 @@ function reportError(exc) {
 // ---- indicators ----
 
 function setRunStatus(status) {
+  // The open chat's entry in the list follows what its socket says, without waiting for the next refresh.
+  const listed = chat && sessions.find((s) => s.session_id === chat.sessionId);
+  if (listed && listed.status !== status && status !== "retrying") {
+    listed.status = status;
+    renderSessions();
+  }
   ui.runStatus.dataset.status = status;
   ui.runStatus.textContent = STATUS_TEXT[status] || status;
   ui.cancel.disabled = !chat || !chat.active;
@@ -215,12 +222,14 @@ async function newChat() {
   }
 }
 
+// The newest chat; with none, an empty page whose first message creates one (no empty chats piling up).
 async function openDefault() {
   if (sessions.length) {
     history.replaceState(null, "", `#${encodeURIComponent(sessions[0].session_id)}`);
     await openChat(sessions[0].session_id);
   } else {
-    await newChat();
+    ui.empty.hidden = false;
+    setConnection("idle", {});
   }
 }
 
@@ -232,6 +241,7 @@ async function start() {
     return;
   }
   renderSessions();
+  if (chat) return; // the user was quicker (New chat)
   const id = currentHashId();
   if (id) await openChat(id);
   else await openDefault();

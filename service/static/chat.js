@@ -10,6 +10,8 @@ import { ChatSocket } from "./socket.js";
 const PAGE = 50;
 const ACK_DELAY_MS = 250;
 const ACTIVE = new Set(["queued", "running", "awaiting_input", "retrying"]);
+// Frames of the socket itself; some carry a "seq" (an ack's) that is not a log entry's.
+const CONTROL = new Set(["session", "ack", "error", "pong"]);
 
 function field(entry, name) {
   if (entry[name] !== undefined && entry[name] !== null) return entry[name];
@@ -96,7 +98,7 @@ export class ChatView {
 
   async handle(frame) {
     if (this.closed) return;
-    if (frame.seq === null || frame.seq === undefined) {
+    if (CONTROL.has(frame.type) || typeof frame.seq !== "number") {
       this.handleControl(frame);
       return;
     }
@@ -161,10 +163,14 @@ export class ChatView {
     switch (entry.type) {
       case "TextMessage":
         if (entry.source === "user") {
-          this.lastUserSeq = entry.seq;
           this.asked = false;
-          if (this.status === "awaiting_input") this.setStatus("running");
-          else if (this.status !== "running") this.setStatus("queued");
+          if (this.status === "awaiting_input") {
+            // The answer: taken by the waiting run, not another input waiting in the queue.
+            this.setStatus("running");
+          } else {
+            this.lastUserSeq = entry.seq;
+            if (this.status !== "running") this.setStatus("queued");
+          }
         }
         break;
       case "UserInputRequestedEvent":

@@ -55,7 +55,7 @@ function formatArgs(raw) {
 function bubble(kind, source, text, time) {
   const li = el("li", `msg ${kind}`);
   const head = el("div", "meta");
-  head.append(el("span", "who", kind === "user" ? "You" : source || "agent"));
+  head.append(el("span", "who", kind.startsWith("user") ? "You" : source || "agent"));
   if (time) head.append(el("time", "when", time));
   li.append(head, el("div", "text", text));
   return li;
@@ -87,7 +87,7 @@ export function renderEntry(entry, toolCalls) {
           return call;
         })
         .join("; ");
-      node = statusLine("tool", `🔧 ${entry.source || "agent"} calls ${text}`);
+      node = statusLine("tool", `${entry.source || "agent"} calls ${text}`);
       break;
     }
     case "ToolCallExecutionEvent": {
@@ -95,20 +95,20 @@ export function renderEntry(entry, toolCalls) {
       const text = results
         .map((r) => `${toolCalls.get(r.call_id) || r.name || "tool"} -> ${asText(r.content)}${r.is_error ? " (error)" : ""}`)
         .join("; ");
-      node = statusLine("tool", `🔧 ${text}`);
+      node = statusLine("tool", text);
       break;
     }
     case "ToolCallSummaryMessage":
       node = bubble("agent summary", entry.source, asText(entry.content), time);
       break;
     case "ThoughtEvent":
-      node = statusLine("thought", `💭 ${entry.source || "agent"}: ${asText(entry.content)}`);
+      node = statusLine("thought", `${entry.source || "agent"} thinks: ${asText(entry.content)}`);
       break;
     case "HandoffMessage":
       node = statusLine("handoff", `${entry.source} hands off to ${field(entry, "target") || "another agent"}`);
       break;
     case "UserInputRequestedEvent":
-      node = statusLine("ask", `❓ ${entry.source || "The team"} is waiting for your answer`);
+      node = statusLine("ask", "The team is waiting for your answer");
       break;
     case "run_started": {
       const attempt = Number(field(entry, "attempt") || 1);
