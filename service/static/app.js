@@ -1,7 +1,7 @@
 // The page shell: session list, URL hash routing (#<session id>), composer, connection and run indicators,
 // the token form for JWT mode, and unobtrusive errors. The open chat itself lives in chat.js.
 
-import { ApiError, api, onAuthRequired, setToken, uuid } from "./api.js";
+import { ApiError, api, getToken, onAuthRequired, setToken, uuid } from "./api.js";
 import { ChatView } from "./chat.js";
 
 const $ = (id) => document.getElementById(id);
@@ -254,6 +254,7 @@ onAuthRequired(() => {
   authWaiting = true;
   if (chat) chat.close();
   setConnection("offline", {});
+  $("token-error").hidden = getToken() === "";
   ui.tokenForm.hidden = false;
   ui.tokenInput.focus();
 });

@@ -121,6 +121,12 @@ export class ChatView {
         break;
       case "error":
         this.onError(`${frame.code || "error"}: ${frame.message || "the server refused a message"}`);
+        // A refused message would be refused again on every reconnect: stop re-sending it. (Only when the
+        // server names the message; queue_full and unavailable are worth retrying later.)
+        if (frame.client_msg_id && (frame.code === "bad_request" || frame.code === "too_large")) {
+          outbox.remove(frame.client_msg_id);
+          this.markFailed(frame.client_msg_id);
+        }
         break;
       case "ModelClientStreamingChunkEvent":
         this.streamChunk(frame);
@@ -275,6 +281,14 @@ export class ChatView {
     }
     // Pending user messages stay below any streaming bubble: they were typed after it started.
     this.live.append(renderPending(item));
+  }
+
+  markFailed(clientMsgId) {
+    const node = this.live.querySelector(`[data-pending][data-client-msg-id="${CSS.escape(clientMsgId)}"]`);
+    if (!node) return;
+    node.dataset.failed = "true";
+    node.classList.add("failed");
+    node.querySelector(".when").textContent = "not sent";
   }
 
   dropPending(clientMsgId) {

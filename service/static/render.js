@@ -56,7 +56,7 @@ function bubble(kind, source, text, time) {
   const li = el("li", `msg ${kind}`);
   const head = el("div", "meta");
   head.append(el("span", "who", kind.startsWith("user") ? "You" : source || "agent"));
-  if (time) head.append(el("time", "when", time));
+  if (time) head.append(el(kind.includes("pending") ? "span" : "time", "when", time));
   li.append(head, el("div", "text", text));
   return li;
 }
