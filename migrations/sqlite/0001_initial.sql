@@ -48,14 +48,13 @@ CREATE TABLE inputs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at       TEXT NOT NULL
 );
--- The claim query walks queued inputs in id order and checks each one's session for a running or older queued
--- input; the partial indexes keep done inputs (the vast majority over time) out of both walks.
-CREATE INDEX inputs_queued ON inputs (session_id, id) WHERE status = 'queued';
+-- The claim query walks queued inputs in id order (a partial index: done inputs, the vast majority over time,
+-- are not in it) and checks each one's session for a running or older queued input (session_id, status, id).
+-- That second index also serves the cascade from sessions (its leftmost column is the foreign key).
 CREATE INDEX inputs_queued_order ON inputs (id, not_before) WHERE status = 'queued';
-CREATE INDEX inputs_running ON inputs (session_id) WHERE status = 'running';
+CREATE INDEX inputs_session_status ON inputs (session_id, status, id);
+-- Lease recovery looks at running inputs only.
 CREATE INDEX inputs_lease ON inputs (lease_expires_at) WHERE status = 'running';
--- Deleting a session cascades here; without an index on the foreign key each delete scans the table.
-CREATE INDEX inputs_session ON inputs (session_id);
 
 CREATE TABLE cursors (
     session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,

@@ -343,12 +343,13 @@ def requeue(
 
 
 def recover_expired(conn: sqlite3.Connection, now: datetime) -> list[Entry]:
+    # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
     sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token FROM inputs
-    WHERE status = 'running' AND lease_expires_at < ? ORDER BY id"""
+    WHERE status = 'running' AND lease_expires_at < ?"""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token in conn.execute(
-        sql, (now.timestamp(),)
-    ).fetchall():
+    for input_id, session_id, input_seq, attempt, run_id, token in sorted(
+        conn.execute(sql, (now.timestamp(),))
+    ):
         conn.execute(REQUEUE, (now.timestamp(), input_id, token))
         entry = interrupted(input_seq, attempt)
         recovered += append_entries(conn, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
