@@ -4,6 +4,7 @@ retries, cancel, human input (live and after a crash), parallel sessions, fencin
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 
 from service.hub import Hub, Subscription
-from service.models import Entry, SessionStatus
+from service.models import Claim, Entry, SessionStatus
 from service.queue import Store, open_store
+from service.queue.memory import MemoryStore
 from service.queue.retry import RetryPolicy
 from service.worker.pool import WorkerPool
 from service.worker.teams import TeamRegistry, default_team
@@ -337,3 +339,26 @@ async def test_graceful_stop_releases_a_running_run(world: World) -> None:
     assert [e.metadata["attempt"] for e in log if e.type == "run_started"] == [1, 2]
     assert log[-1].type == "run_completed"
     assert (await world.replies("s1"))[-1] == "You said: Bob [context: 2]"
+
+
+class BrokenClaims(MemoryStore):
+    """Fault injection: the database answers claims with an error the pool does not expect."""
+
+    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+        raise RuntimeError("disk on fire")
+
+
+async def test_a_dying_side_task_fails_the_pool_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    store = BrokenClaims()
+    await store.open()
+    pool = WorkerPool(store, Hub(), TeamRegistry({"default": partial(default_team, 0.0)}))
+    await pool.start()
+    while pool.failed is None:  # noqa: ASYNC110 (a few loop steps, no time involved)
+        await asyncio.sleep(0)  # yield to the claim loop; it dies on its first claim
+    assert str(pool.failed) == "disk on fire"
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1 and "the claim task died" in critical[0].getMessage()
+    with pytest.raises(RuntimeError, match="the worker pool failed: RuntimeError: disk on fire"):
+        await pool.run_until_idle()
+    await pool.stop()
+    await store.close()
