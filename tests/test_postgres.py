@@ -119,6 +119,16 @@ async def test_listener_hears_commits_of_other_instances_only(pg_url: str, clock
         while (got := await asyncio.wait_for(heard["b"].get(), WAIT_S)) != ("from-a", 3):
             assert got[0] == "from-a" and got[1] < 3
 
+        # A transaction that rolls back rings no doorbell, even one that had appended before it failed
+        # (here the team state cannot be stored): B's next call is for A's next commit.
+        with pytest.raises(BadRequest):
+            await a.finish(claim, lifecycle(RUN_COMPLETED, "done"), {"bad": "\ud800"})
+        assert (await a.read_log("from-a")).last_seq == 3
+        await a.enqueue(OWNER, "from-a-2", "three", None)
+        assert await asyncio.wait_for(heard["b"].get(), WAIT_S) == ("from-a-2", 1)
+        await a.finish(claim, lifecycle(RUN_COMPLETED, "done"), None)
+        assert await asyncio.wait_for(heard["b"].get(), WAIT_S) == ("from-a", 4)
+
         # B writes once: A hears B's commit, and (notifications arrive in commit order) none of its own.
         await b.enqueue(OWNER, "from-b", "two", None)
         assert await asyncio.wait_for(heard["a"].get(), WAIT_S) == ("from-b", 1)

@@ -7,9 +7,9 @@
   ``FOR UPDATE SKIP LOCKED`` and the rule re-checked under that lock, so two claimers (in any processes) never
   run two inputs of one session, and a busy session never blocks a claimer.
 * Leases fence writes in SQL (``FENCE``). All times come from the injected clock, never ``now()``.
-* After each commit that appends entries: ``pg_notify('service_log', '<session_id> <last_seq> <instance>')``;
-  after one that makes work claimable or asks for a cancel: ``pg_notify('service_work', ...)``; the
-  listening side is postgres_notify.py.
+* After each commit that appends entries, a ``service_log`` doorbell ('<session_id> <last_seq> <instance>');
+  after one that makes work claimable or asks for a cancel, a ``service_work`` one ('<session_id> <instance>').
+  They are sent right after the commit, batched (postgres_outbox.py); the listening side is postgres_notify.py.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class PostgresStore(PostgresBase):
                 conn, session_id, [user_msg], now=now, run_id=None, client_msg_id=client_msg_id, status=status
             )
             await conn.execute(q.INSERT_INPUT, session_id, entry.seq, content, now)
-            await self._notify(conn, q.WORK_CHANNEL, session_id)
+            self._notify(conn, q.WORK_CHANNEL, session_id)
         self.notifier.wake_work()
         return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
 
@@ -170,7 +170,7 @@ class PostgresStore(PostgresBase):
             if team_state is not None:
                 await conn.execute(q.SAVE_STATE, claim.session_id, team_state)
             if more:
-                await self._notify(conn, q.WORK_CHANNEL, claim.session_id)
+                self._notify(conn, q.WORK_CHANNEL, claim.session_id)
         if more:
             self.notifier.wake_work()
         return done
@@ -192,7 +192,7 @@ class PostgresStore(PostgresBase):
                 run_id=claim.run_id,
                 status=SessionStatus.QUEUED,
             )
-            await self._notify(conn, q.WORK_CHANNEL, claim.session_id)
+            self._notify(conn, q.WORK_CHANNEL, claim.session_id)
         self.notifier.wake_work()
         return done
 
@@ -213,7 +213,7 @@ class PostgresStore(PostgresBase):
                 recovered += await self._append(
                     conn, session_id, [note], now=now, run_id=row["run_id"], status=SessionStatus.QUEUED
                 )
-                await self._notify(conn, q.WORK_CHANNEL, session_id)
+                self._notify(conn, q.WORK_CHANNEL, session_id)
         if recovered:
             self.notifier.wake_work()
         return recovered
@@ -222,7 +222,7 @@ class PostgresStore(PostgresBase):
         async with self._tx() as conn:
             found = await conn.fetchval(q.REQUEST_CANCEL, session_id, owner) is not None
             if found:
-                await self._notify(conn, q.WORK_CHANNEL, session_id)
+                self._notify(conn, q.WORK_CHANNEL, session_id)
         if found:
             self.notifier.wake_work()
         return found

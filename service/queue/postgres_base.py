@@ -24,6 +24,7 @@ from service.models import (
 from service.queue import postgres_sql as q
 from service.queue.migrate import load_migrations, pending
 from service.queue.postgres_notify import Notifier
+from service.queue.postgres_outbox import Outbox
 from service.queue.postgres_schema import (
     BAD_INPUT_ERRORS,
     CONNECT_TIMEOUT_S,
@@ -45,6 +46,8 @@ class PostgresBase:
         self._pool: Any = None
         self.instance_id = uuid.uuid4().hex[:12]
         self.notifier = Notifier(dsn, self.instance_id, clock, self._recent_sessions)
+        self._outbox = Outbox(self._send_doorbells, self.instance_id)
+        self._doorbells: dict[int, list[tuple[str, str, int]]] = {}  # id(connection) -> this transaction's
 
     # --- lifetime -------------------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -63,6 +66,7 @@ class PostgresBase:
                 timeout=CONNECT_TIMEOUT_S,
             )
             await self.notifier.start()
+            self._outbox.start()
         except DRIVER_ERRORS as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the PostgreSQL database {where}: {exc}") from exc
@@ -71,6 +75,7 @@ class PostgresBase:
             raise
 
     async def close(self) -> None:
+        await self._outbox.stop()
         await self.notifier.stop()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -101,12 +106,22 @@ class PostgresBase:
 
     @asynccontextmanager
     async def _tx(self, **options: Any) -> AsyncIterator[Any]:
-        async with self._conn() as conn, conn.transaction(**options):
-            yield conn
+        """A transaction; the doorbells it rang (``_notify``) are sent once it committed, never on rollback."""
+        async with self._conn() as conn:
+            self._doorbells[id(conn)] = []
+            try:
+                async with conn.transaction(**options):
+                    yield conn
+            finally:
+                doorbells = self._doorbells.pop(id(conn))
+            self._outbox.post(doorbells)
 
-    async def _notify(self, conn: Any, channel: str, *fields: object) -> None:
-        # Delivered by PostgreSQL at commit, never for a rolled-back transaction.
-        await conn.execute(q.NOTIFY, channel, " ".join([*map(str, fields), self.instance_id]))
+    def _notify(self, conn: Any, channel: str, session_id: str, last_seq: int = 0) -> None:
+        self._doorbells[id(conn)].append((channel, session_id, last_seq))
+
+    async def _send_doorbells(self, channels: list[str], payloads: list[str]) -> None:
+        async with self._conn() as conn:
+            await conn.execute(q.NOTIFY_MANY, channels, payloads)
 
     # --- sessions, log, cursors -----------------------------------------------------------------------------
     async def create_session(
@@ -216,5 +231,5 @@ class PostgresBase:
                     for e in entries
                 ],
             )
-            await self._notify(conn, q.LOG_CHANNEL, session_id, last)
+            self._notify(conn, q.LOG_CHANNEL, session_id, last)
         return entries

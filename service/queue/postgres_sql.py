@@ -43,7 +43,7 @@ READ_AFTER = f"SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq > 
 READ_BEFORE = f"""
 SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq < $2 AND seq > $3 ORDER BY seq DESC LIMIT $4"""
 FIND_CLIENT_MSG = "SELECT seq FROM entries WHERE session_id = $1 AND client_msg_id = $2"
-NOTIFY = "SELECT pg_notify($1, $2)"
+NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)"
 
 # --- cursors ------------------------------------------------------------------------------------------------
 GET_CURSOR = "SELECT seq FROM cursors WHERE session_id = $1 AND client_id = $2"
