@@ -148,6 +148,10 @@ class ChatPage:
         assert isinstance(raw, list)
         return raw
 
+    def wait_acked(self) -> None:
+        """Waits until the outbox is empty: the server acknowledged (made durable) every message sent."""
+        self.page.wait_for_function("localStorage.getItem('chat.outbox') === '[]'", timeout=WAIT_MS)
+
     def streamed_texts(self) -> list[str]:
         raw = self.page.evaluate("window.__streamed.map(n => n.querySelector('.text').textContent)")
         return [str(x) for x in raw]

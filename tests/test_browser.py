@@ -147,8 +147,8 @@ def test_closed_tab_sees_what_the_agents_said_meanwhile(server: ServerProcess, c
 def test_server_killed_and_restarted(server: ServerProcess, chat: ChatPage) -> None:
     chat.open_new_chat(server.url)
     chat.send("[[sleep:2]] hello")
-    chat.wait_once(chat.user_message("hello"))  # the durable entry: acknowledged
-    server.kill()
+    chat.wait_acked()
+    server.kill()  # right after the ack
     chat.wait_disconnected()
 
     server.restart()
@@ -219,7 +219,7 @@ def test_message_typed_while_server_down_is_delivered_once(server: ServerProcess
     chat.wait_once(chat.user_message("sent while offline"))
     expect(chat.pending()).to_have_count(0)
     chat.assert_log_consistent()
-    chat.page.wait_for_function("localStorage.getItem('chat.outbox') === '[]'", timeout=WAIT_MS)
+    chat.wait_acked()
 
 
 def test_tool_calls_are_compact_and_shift_enter_adds_a_line(server: ServerProcess, chat: ChatPage) -> None:
