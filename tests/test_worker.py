@@ -362,3 +362,16 @@ async def test_a_dying_side_task_fails_the_pool_loudly(caplog: pytest.LogCapture
         await pool.run_until_idle()
     await pool.stop()
     await store.close()
+
+
+async def test_a_run_waiting_for_a_human_holds_no_worker_slot(world: World) -> None:
+    pool = world.pool(workers=1)
+    await world.send("a", "[[ask]] question")
+    await world.send("b", "hello")
+    await pool.run_until_idle()
+    assert await world.status("a") is SessionStatus.AWAITING_INPUT
+    assert await world.replies("b") == ["You said: hello [context: 1]"]
+    await world.send("a", "answer")
+    await pool.run_until_idle()
+    assert (await world.replies("a"))[-1] == "You said: answer [context: 2]"
+    assert pool.running_count() == 0

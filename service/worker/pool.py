@@ -95,6 +95,7 @@ class WorkerPool:
 
     # --- public ---------------------------------------------------------------------------------------------
     def running_count(self) -> int:
+        """Runs in this process, including those waiting for human input."""
         return len(self._runs)
 
     def cancel(self, session_id: str) -> bool:
@@ -156,7 +157,7 @@ class WorkerPool:
     async def _fill_slots(self) -> int:
         """Claim while slots are free; the number of runs started."""
         started = 0
-        while not self._stopping and len(self._runs) < self.workers:
+        while not self._stopping and self._busy() < self.workers:
             claim = await self.store.claim(self.worker_id, self.lease_s)
             if claim is None:
                 break
@@ -189,6 +190,11 @@ class WorkerPool:
             if self.metrics is not None:
                 self.metrics.run_ended(team, outcome, duration_s)
             self._notify()
+
+    def _busy(self) -> int:
+        """Runs holding a worker slot. A run waiting for a human holds none (it costs no CPU, only memory), so
+        a few unanswered questions cannot starve every other session."""
+        return sum(1 for run, _ in self._runs.values() if not run.waiting_for_input)
 
     def _changed_since(self, changes: int) -> bool:
         return self._changes > changes
@@ -237,7 +243,7 @@ class WorkerPool:
                 continue
             if started:
                 continue
-            if len(self._runs) >= self.workers:
+            if self._busy() >= self.workers:
                 # Every slot is busy: wait for a run to end.
                 await self._wait_until(partial(self._changed_since, self._changes))
             else:
