@@ -276,15 +276,15 @@ async def writer(db_path: str) -> AsyncIterator[Writer]:
         await w.close()
 
 
-def insert_child(child_id: int, parent_id: int = 1) -> Callable[[sqlite3.Connection], int]:
-    def job(conn: sqlite3.Connection) -> int:
+def insert_child(child_id: int, parent_id: int = 1) -> Callable[[sqlite3.Cursor], int]:
+    def job(conn: sqlite3.Cursor) -> int:
         conn.execute("INSERT INTO child (id, parent_id) VALUES (?, ?)", (child_id, parent_id))
         return child_id
 
     return job
 
 
-def orphan_checked_at_commit(conn: sqlite3.Connection) -> None:
+def orphan_checked_at_commit(conn: sqlite3.Cursor) -> None:
     # A deferred foreign key is only checked by COMMIT: the job succeeds, the commit of its batch fails.
     conn.execute("PRAGMA defer_foreign_keys = ON")
     conn.execute("INSERT INTO child (id, parent_id) VALUES (100, 999)")
@@ -317,7 +317,7 @@ async def test_a_failed_commit_fails_every_job_of_the_batch(writer: Writer, db_p
 
 
 async def test_disk_full_is_unavailable(writer: Writer, db_path: str) -> None:
-    def fill(conn: sqlite3.Connection) -> None:
+    def fill(conn: sqlite3.Cursor) -> None:
         # SQLite's own page limit gives the real SQLITE_FULL error without filling a real disk.
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count = {pages}")

@@ -70,7 +70,7 @@ class SqliteStore:
 
     async def ping(self) -> bool:
         try:
-            return not await self._reader.read(migrations_pending)
+            return not await self._reader.read(lambda c: migrations_pending(c.connection))
         except Exception:
             return False
 

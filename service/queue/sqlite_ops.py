@@ -1,7 +1,9 @@
 """The queue rules in SQL: the synchronous bodies of the SQLite store's verbs.
 
-Each function runs on the writer connection inside the writer's transaction (one SAVEPOINT per call) or on the
-reader connection inside a read transaction; none of them commits. Because the single writer holds SQLite's
+Each function runs on a cursor of the writer connection inside the writer's transaction, or of the reader
+connection inside a read transaction; none of them commits. (A cursor rather than the connection: a
+connection's ``execute`` creates a cursor per call, a measurable share of these small statements.) Because the
+single writer holds SQLite's
 write lock for the whole batch, a SELECT followed by an UPDATE here is atomic.
 """
 
@@ -32,6 +34,7 @@ from service.models import (
 )
 from service.queue.sqlite_conn import stamp
 
+Db = sqlite3.Cursor
 SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at"
 ENTRY_COLS = "seq, session_id, type, source, content, created_at, run_id, client_msg_id, metadata"
 
@@ -62,11 +65,14 @@ lease_expires_at = NULL, worker_id = NULL, cancel_requested = 0
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
 # One statement moves everything a write changes on the session; NULL keeps the old status / team state.
 # With :queued_first, the status becomes 'queued' when inputs of the session wait (a run just ended).
-TOUCH = """UPDATE sessions SET last_seq = :last, updated_at = :now, team_state = coalesce(:state, team_state),
-status = CASE WHEN :status IS NULL THEN status
-              WHEN :queued_first AND EXISTS (SELECT 1 FROM inputs WHERE session_id = :sid AND status = 'queued')
-              THEN 'queued' ELSE :status END
-WHERE session_id = :sid"""
+# Parameters: ?1 last_seq, ?2 updated_at, ?3 status, ?4 queued_first, ?5 session_id.
+TOUCH = """UPDATE sessions SET last_seq = ?1, updated_at = ?2,
+status = CASE WHEN ?3 IS NULL THEN status
+              WHEN ?4 AND EXISTS (SELECT 1 FROM inputs WHERE session_id = ?5 AND status = 'queued')
+              THEN 'queued' ELSE ?3 END
+WHERE session_id = ?5"""
+SAVE_STATE = """INSERT INTO team_states (session_id, state, updated_at) VALUES (?, ?, ?)
+ON CONFLICT (session_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"""
 HEARTBEAT = (
     """UPDATE inputs SET lease_expires_at = ? WHERE id = ? AND lease_token = ? AND status = 'running'"""
 )
@@ -92,42 +98,42 @@ def to_entry(row: sqlite3.Row | tuple[Any, ...]) -> Entry:
 
 
 # --- sessions ---
-def get_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
-    row = conn.execute(f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+def get_session(db: Db, session_id: str) -> Session | None:
+    row = db.execute(f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
     return None if row is None else to_session(row)
 
 
-def owned(conn: sqlite3.Connection, owner: str, session_id: str) -> Session | None:
-    session = get_session(conn, session_id)
+def owned(db: Db, owner: str, session_id: str) -> Session | None:
+    session = get_session(db, session_id)
     return session if session is not None and session.owner == owner else None
 
 
 def create_session(
-    conn: sqlite3.Connection, now: datetime, owner: str, session_id: str | None, team: str, title: str | None
+    db: Db, now: datetime, owner: str, session_id: str | None, team: str, title: str | None
 ) -> Session:
     sid = session_id or new_id("s_")
-    if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (sid,)).fetchone() is not None:
+    if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (sid,)).fetchone() is not None:
         raise Conflict(f"session {sid!r} already exists")
-    conn.execute(INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now)))
+    db.execute(INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now)))
     return Session(sid, owner, team, title, SessionStatus.IDLE, 0, now, now)
 
 
-def list_sessions(conn: sqlite3.Connection, owner: str) -> list[Session]:
-    rows = conn.execute(
-        f"SELECT {SESSION_COLS} FROM sessions WHERE owner = ? ORDER BY updated_at DESC, session_id", (owner,)
-    )
-    return [to_session(row) for row in rows]
+def list_sessions(db: Db, owner: str) -> list[Session]:
+    rows = db.execute(f"SELECT {SESSION_COLS} FROM sessions WHERE owner = ? ORDER BY session_id", (owner,))
+    sessions = [to_session(row) for row in rows]
+    sessions.sort(key=lambda s: s.updated_at, reverse=True)  # stable: ties stay in session_id order
+    return sessions
 
 
-def delete_session(conn: sqlite3.Connection, owner: str, session_id: str) -> bool:
+def delete_session(db: Db, owner: str, session_id: str) -> bool:
     # ON DELETE CASCADE (foreign_keys=ON) removes entries, inputs and cursors in the same statement; a run of
     # this session then finds no row under its token and gets LeaseLost.
-    cur = conn.execute("DELETE FROM sessions WHERE session_id = ? AND owner = ?", (session_id, owner))
+    cur = db.execute("DELETE FROM sessions WHERE session_id = ? AND owner = ?", (session_id, owner))
     return cur.rowcount > 0
 
 
-def set_status(conn: sqlite3.Connection, session_id: str, status: SessionStatus, now: datetime) -> None:
-    conn.execute(
+def set_status(db: Db, session_id: str, status: SessionStatus, now: datetime) -> None:
+    db.execute(
         "UPDATE sessions SET status = ?, updated_at = ? WHERE session_id = ?",
         (status.value, stamp(now), session_id),
     )
@@ -135,7 +141,7 @@ def set_status(conn: sqlite3.Connection, session_id: str, status: SessionStatus,
 
 # --- log and cursors ---
 def append_entries(
-    conn: sqlite3.Connection,
+    db: Db,
     now: datetime,
     session_id: str,
     news: Sequence[NewEntry],
@@ -150,7 +156,7 @@ def append_entries(
     """Number the entries after the session's last seq (contiguous: the writer lock serialises appends) and
     update the session in the same statement. ``last`` saves a read when the caller already has last_seq."""
     if last is None:
-        (last,) = conn.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        (last,) = db.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
     assert last is not None
     created = stamp(now)
     entries = []
@@ -158,59 +164,57 @@ def append_entries(
         entry = Entry(
             seq, session_id, new.type, new.source, new.content, now, run_id, client_msg_id, dict(new.metadata)
         )
-        conn.execute(
+        db.execute(
             INSERT_ENTRY,
             (seq, session_id, entry.type, entry.source, orjson.dumps(entry.content).decode(), created, run_id,
              client_msg_id, orjson.dumps(entry.metadata).decode()),
         )  # fmt: skip
         entries.append(entry)
-    state = None if team_state is None else orjson.dumps(team_state).decode()
-    touch = {"last": last + len(entries), "now": created, "state": state, "sid": session_id}
-    conn.execute(TOUCH, {**touch, "status": status and status.value, "queued_first": queued_first})
+    db.execute(TOUCH, (last + len(entries), created, status and status.value, queued_first, session_id))
+    if team_state is not None:
+        db.execute(SAVE_STATE, (session_id, orjson.dumps(team_state).decode(), created))
     return entries
 
 
-def read_log(
-    conn: sqlite3.Connection, session_id: str, after: int | None, before: int | None, limit: int
-) -> Page:
-    row = conn.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+def read_log(db: Db, session_id: str, after: int | None, before: int | None, limit: int) -> Page:
+    row = db.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
     last_seq = 0 if row is None else int(row[0])
     low, limit = max(0, after or 0), max(0, limit)  # a negative LIMIT means "no limit" to SQLite
     if before is None:
         sql = f"SELECT {ENTRY_COLS} FROM entries WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-        rows = conn.execute(sql, (session_id, low, limit + 1)).fetchall()
+        rows = db.execute(sql, (session_id, low, limit + 1)).fetchall()
         return Page(session_id, [to_entry(r) for r in rows[:limit]], last_seq, len(rows) > limit)
     sql = f"""SELECT {ENTRY_COLS} FROM entries WHERE session_id = ? AND seq > ? AND seq < ?
     ORDER BY seq DESC LIMIT ?"""
-    rows = conn.execute(sql, (session_id, low, before, limit + 1)).fetchall()
+    rows = db.execute(sql, (session_id, low, before, limit + 1)).fetchall()
     page = [to_entry(r) for r in reversed(rows[:limit])]
     return Page(session_id, page, last_seq, len(rows) > limit)
 
 
-def get_cursor(conn: sqlite3.Connection, session_id: str, client_id: str) -> int | None:
+def get_cursor(db: Db, session_id: str, client_id: str) -> int | None:
     sql = "SELECT seq FROM cursors WHERE session_id = ? AND client_id = ?"
-    row = conn.execute(sql, (session_id, client_id)).fetchone()
+    row = db.execute(sql, (session_id, client_id)).fetchone()
     return None if row is None else int(row[0])
 
 
-def set_cursor(conn: sqlite3.Connection, session_id: str, client_id: str, seq: int) -> int:
-    row = conn.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+def set_cursor(db: Db, session_id: str, client_id: str, seq: int) -> int:
+    row = db.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
     if row is None:
         return 0  # an unknown session has an empty log: the cursor clamps to 0 and there is nothing to keep
     wanted = min(max(seq, 0), int(row[0]))
-    conn.execute(
+    db.execute(
         """INSERT INTO cursors (session_id, client_id, seq) VALUES (?, ?, ?)
         ON CONFLICT (session_id, client_id) DO UPDATE SET seq = max(seq, excluded.seq)""",
         (session_id, client_id, wanted),
     )
-    stored = get_cursor(conn, session_id, client_id)
+    stored = get_cursor(db, session_id, client_id)
     assert stored is not None
     return stored
 
 
 # --- queue ---
 def enqueue(
-    conn: sqlite3.Connection,
+    db: Db,
     now: datetime,
     owner: str,
     session_id: str,
@@ -219,22 +223,22 @@ def enqueue(
     team: str,
     max_queued: int | None,
 ) -> Enqueued:
-    row = conn.execute(
+    row = db.execute(
         "SELECT owner, status, last_seq FROM sessions WHERE session_id = ?", (session_id,)
     ).fetchone()
     if row is None:
-        create_session(conn, now, owner, session_id, team, None)
+        create_session(db, now, owner, session_id, team, None)
         row = (owner, SessionStatus.IDLE.value, 0)
     elif row[0] != owner:
         raise NotFound(f"session {session_id!r} not found")
     if client_msg_id is not None and max_queued is not None:
         # A duplicate is answered before the queue limit is looked at (it enqueues nothing).
-        seen = _seen(conn, session_id, client_msg_id)
+        seen = _seen(db, session_id, client_msg_id)
         if seen is not None:
             return seen
     if max_queued is not None:
         sql = "SELECT count(*) FROM inputs WHERE session_id = ? AND status = 'queued'"
-        (queued,) = conn.execute(sql, (session_id,)).fetchone()
+        (queued,) = db.execute(sql, (session_id,)).fetchone()
         if queued >= max_queued:
             raise QueueFull(f"session {session_id!r} already has {queued} queued inputs (limit {max_queued})")
     # A running (or awaiting) session stays so; an idle or failed one now has work waiting.
@@ -242,84 +246,82 @@ def enqueue(
     user = NewEntry("TextMessage", "user", content)
     try:
         (entry,) = append_entries(
-            conn, now, session_id, [user], None, client_msg_id, last=row[2], status=status
+            db, now, session_id, [user], None, client_msg_id, last=row[2], status=status
         )
     except sqlite3.IntegrityError:
         # The UNIQUE index on (session_id, client_msg_id) found the duplicate: one statement fewer on the common
         # path than looking first. Only the failed INSERT was undone, and it ran before anything else.
-        seen = None if client_msg_id is None else _seen(conn, session_id, client_msg_id)
+        seen = None if client_msg_id is None else _seen(db, session_id, client_msg_id)
         if seen is None:
             raise
         return seen
-    conn.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now)))
+    db.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now)))
     return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
 
 
-def _seen(conn: sqlite3.Connection, session_id: str, client_msg_id: str) -> Enqueued | None:
+def _seen(db: Db, session_id: str, client_msg_id: str) -> Enqueued | None:
     sql = "SELECT seq FROM entries WHERE session_id = ? AND client_msg_id = ?"
-    row = conn.execute(sql, (session_id, client_msg_id)).fetchone()
+    row = db.execute(sql, (session_id, client_msg_id)).fetchone()
     return None if row is None else Enqueued(session_id, int(row[0]), client_msg_id, True, None)
 
 
-def claim(conn: sqlite3.Connection, now: datetime, worker_id: str, lease_s: float) -> Claim | None:
-    row = conn.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
+def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None:
+    row = db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:
         return None
     input_id, session_id, input_seq, content, attempt, owner, team = row
     token = secrets.token_hex(16)
     run_id = "r_" + token[:16]  # one draw from the OS for both; run ids are public, tokens only fence
-    conn.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
-    set_status(conn, session_id, SessionStatus.RUNNING, now)
+    db.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
+    set_status(db, session_id, SessionStatus.RUNNING, now)
     return Claim(input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id)
 
 
-def fence(conn: sqlite3.Connection, claim: Claim) -> int:
+def fence(db: Db, claim: Claim) -> int:
     """LeaseLost unless the claim still holds its input; else the session's last seq."""
-    row = conn.execute(FENCE, (claim.input_id, claim.lease_token)).fetchone()
+    row = db.execute(FENCE, (claim.input_id, claim.lease_token)).fetchone()
     if row is None:
         raise LeaseLost()
     return int(row[0])
 
 
-def append(conn: sqlite3.Connection, now: datetime, claim: Claim, news: Sequence[NewEntry]) -> list[Entry]:
-    last = fence(conn, claim)
+def append(db: Db, now: datetime, claim: Claim, news: Sequence[NewEntry]) -> list[Entry]:
+    last = fence(db, claim)
     asks = any(n.type == USER_INPUT_REQUESTED for n in news)
     status = SessionStatus.AWAITING_INPUT if asks else None
-    return append_entries(conn, now, claim.session_id, news, claim.run_id, last=last, status=status)
+    return append_entries(db, now, claim.session_id, news, claim.run_id, last=last, status=status)
 
 
-def heartbeat(conn: sqlite3.Connection, now: datetime, claim: Claim, lease_s: float) -> bool:
-    cur = conn.execute(HEARTBEAT, (now.timestamp() + lease_s, claim.input_id, claim.lease_token))
+def heartbeat(db: Db, now: datetime, claim: Claim, lease_s: float) -> bool:
+    cur = db.execute(HEARTBEAT, (now.timestamp() + lease_s, claim.input_id, claim.lease_token))
     return cur.rowcount > 0
 
 
-def cancel_requested(conn: sqlite3.Connection, claim: Claim) -> bool:
+def cancel_requested(db: Db, claim: Claim) -> bool:
     sql = "SELECT cancel_requested FROM inputs WHERE id = ? AND lease_token = ? AND status = 'running'"
-    row = conn.execute(sql, (claim.input_id, claim.lease_token)).fetchone()
+    row = db.execute(sql, (claim.input_id, claim.lease_token)).fetchone()
     # Fenced (recovered, or its session deleted): the run can no longer write anything, so it should stop too.
     return row is None or bool(row[0])
 
 
-def take_answer(conn: sqlite3.Connection, now: datetime, claim: Claim) -> Answer | None:
-    fence(conn, claim)
+def take_answer(db: Db, now: datetime, claim: Claim) -> Answer | None:
+    fence(db, claim)
     sql = """SELECT id, input_seq, content FROM inputs WHERE session_id = ? AND status = 'queued'
     ORDER BY id LIMIT 1"""
-    row = conn.execute(sql, (claim.session_id,)).fetchone()
+    row = db.execute(sql, (claim.session_id,)).fetchone()
     if row is None:
         return None
-    conn.execute("UPDATE inputs SET status = 'done' WHERE id = ?", (row[0],))
-    set_status(conn, claim.session_id, SessionStatus.RUNNING, now)
+    db.execute("UPDATE inputs SET status = 'done' WHERE id = ?", (row[0],))
+    set_status(db, claim.session_id, SessionStatus.RUNNING, now)
     return Answer(int(row[1]), row[2])
 
 
-def finish(
-    conn: sqlite3.Connection, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None
-) -> Entry:
-    if conn.execute(DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
+def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+    if db.execute(DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
     status = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
     (done,) = append_entries(
-        conn,
+        db,
         now,
         claim.session_id,
         [entry],
@@ -331,54 +333,52 @@ def finish(
     return done
 
 
-def requeue(
-    conn: sqlite3.Connection, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime
-) -> Entry:
+def requeue(db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
     """retry() and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
-    if conn.execute(REQUEUE, (not_before.timestamp(), claim.input_id, claim.lease_token)).rowcount == 0:
+    if db.execute(REQUEUE, (not_before.timestamp(), claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
     status = SessionStatus.QUEUED
-    (done,) = append_entries(conn, now, claim.session_id, [entry], claim.run_id, status=status)
+    (done,) = append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
     return done
 
 
-def recover_expired(conn: sqlite3.Connection, now: datetime) -> list[Entry]:
+def recover_expired(db: Db, now: datetime) -> list[Entry]:
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
     sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token FROM inputs
     WHERE status = 'running' AND lease_expires_at < ?"""
     recovered: list[Entry] = []
     for input_id, session_id, input_seq, attempt, run_id, token in sorted(
-        conn.execute(sql, (now.timestamp(),))
+        db.execute(sql, (now.timestamp(),))
     ):
-        conn.execute(REQUEUE, (now.timestamp(), input_id, token))
+        db.execute(REQUEUE, (now.timestamp(), input_id, token))
         entry = interrupted(input_seq, attempt)
-        recovered += append_entries(conn, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
+        recovered += append_entries(db, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
     return recovered
 
 
-def request_cancel(conn: sqlite3.Connection, owner: str, session_id: str) -> bool:
-    if owned(conn, owner, session_id) is None:
+def request_cancel(db: Db, owner: str, session_id: str) -> bool:
+    if owned(db, owner, session_id) is None:
         return False
     sql = "UPDATE inputs SET cancel_requested = 1 WHERE session_id = ? AND status = 'running'"
-    return conn.execute(sql, (session_id,)).rowcount > 0
+    return db.execute(sql, (session_id,)).rowcount > 0
 
 
-def load_team_state(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
-    row = conn.execute("SELECT team_state FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
-    if row is None or row[0] is None:
+def load_team_state(db: Db, session_id: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT state FROM team_states WHERE session_id = ?", (session_id,)).fetchone()
+    if row is None:
         return None
     state: dict[str, Any] = orjson.loads(row[0])
     return state
 
 
-def counts(conn: sqlite3.Connection) -> dict[str, int]:
+def counts(db: Db) -> dict[str, int]:
     # Two counts, not GROUP BY status: each is answered from its partial index, never a scan of done inputs.
-    queued, running = conn.execute(
+    queued, running = db.execute(
         "SELECT (SELECT count(*) FROM inputs WHERE status = 'queued'),"
         " (SELECT count(*) FROM inputs WHERE status = 'running')"
     ).fetchone()
     return {"queued": int(queued), "running": int(running)}
 
 
-def has_claimable(conn: sqlite3.Connection, now: datetime) -> bool:
-    return conn.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone() is not None
+def has_claimable(db: Db, now: datetime) -> bool:
+    return db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone() is not None

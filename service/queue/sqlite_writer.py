@@ -25,7 +25,7 @@ from service.errors import ServiceError, StoreUnavailable
 from service.queue.sqlite_conn import translate
 
 T = TypeVar("T")
-Job = Callable[[sqlite3.Connection], Any]
+Job = Callable[[sqlite3.Cursor], Any]
 MAX_BATCH = 512  # bounds how long one transaction holds the write lock (and the latency of its first caller)
 
 
@@ -64,7 +64,7 @@ class Thread:
 
 
 class Reader(Thread):
-    async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def read(self, job: Callable[[sqlite3.Cursor], T]) -> T:
         """Run ``job`` in one read transaction (a consistent WAL snapshot)."""
         conn = self.conn
         if conn is None:
@@ -72,11 +72,11 @@ class Reader(Thread):
         return await self.call(_read, conn, job, self.path)
 
 
-def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Connection], T], path: str) -> T:
+def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Cursor], T], path: str) -> T:
     try:
         conn.execute("BEGIN")
         try:
-            return job(conn)
+            return job(conn.cursor())
         finally:
             conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -95,7 +95,7 @@ class Writer(Thread):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="sqlite-writer")
 
-    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, job: Callable[[sqlite3.Cursor], T]) -> T:
         """Run ``job`` in the next group commit; returns once that commit is durable."""
         if self._closing or self.conn is None:
             raise StoreUnavailable("the store is closed")
@@ -163,7 +163,7 @@ def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple
     of the writer's time on the queue benchmark)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        outcomes, failure = _run_fast(conn, jobs)
+        outcomes, failure = _run_fast(conn.cursor(), jobs)
         if outcomes is None:
             if not conn.in_transaction:  # SQLite rolled back by itself (disk full, I/O error): all jobs fail
                 driver_error = failure if isinstance(failure, sqlite3.Error) else None
@@ -190,12 +190,12 @@ def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple
     return outcomes, True
 
 
-def _run_fast(conn: sqlite3.Connection, jobs: list[Job]) -> tuple[list[_Outcome] | None, Exception | None]:
+def _run_fast(cursor: sqlite3.Cursor, jobs: list[Job]) -> tuple[list[_Outcome] | None, Exception | None]:
     """Every job without savepoints; stops at the first that raises (the caller replays the batch)."""
     outcomes = []
     for job in jobs:
         try:
-            outcomes.append(_Outcome(True, job(conn)))
+            outcomes.append(_Outcome(True, job(cursor)))
         except Exception as exc:
             return None, exc
     return outcomes, None
@@ -206,7 +206,7 @@ def _run_job(conn: sqlite3.Connection, job: Job, path: str) -> _Outcome | None:
     batch fails); None when a non-driver error did (should not happen)."""
     conn.execute("SAVEPOINT job")
     try:
-        value = job(conn)
+        value = job(conn.cursor())
     except Exception as exc:
         # Domain errors (Conflict, QueueFull, LeaseLost, NotFound), constraint errors, bugs: this job only.
         if not conn.in_transaction:
