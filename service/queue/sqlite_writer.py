@@ -86,7 +86,10 @@ def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Cursor], T], path: st
 class Writer(Thread):
     def __init__(self, name: str, path: str) -> None:
         super().__init__(name, path)
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        # A plain list and an Event rather than an asyncio.Queue: the writer takes everything at once anyway,
+        # and this is on the path of every write.
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0  # transactions committed: group commit makes this much smaller than the jobs run
@@ -97,10 +100,11 @@ class Writer(Thread):
 
     async def write(self, job: Callable[[sqlite3.Cursor], T]) -> T:
         """Run ``job`` in the next group commit; returns once that commit is durable."""
-        if self._closing or self.conn is None:
+        if self._closing or self.conn is None or self._task is None or self._task.done():
             raise StoreUnavailable("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(job, future))
+        self._pending.append(_Pending(job, future))
+        self._wake.set()
         return await future
 
     async def close(self) -> None:
@@ -109,24 +113,18 @@ class Writer(Thread):
             return
         self._closing = True
         if self._task is not None:
-            self._queue.put_nowait(None)
+            self._wake.set()
             await self._task
         await super().close()
 
     async def _loop(self) -> None:
         while True:
-            first = await self._queue.get()
-            batch: list[_Pending] = [] if first is None else [first]
-            stop = first is None
-            while not stop and len(batch) < MAX_BATCH and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stop = True
-                else:
-                    batch.append(item)
-            if batch:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 await self._run(batch)
-            if stop:
+            if self._closing:
                 return
 
     async def _run(self, batch: list[_Pending]) -> None:
@@ -134,13 +132,15 @@ class Writer(Thread):
         assert conn is not None
         try:
             outcomes, committed = await self.call(_commit_batch, conn, [p.job for p in batch], self.path)
-        except BaseException as exc:
-            # The writer was cancelled or its thread failed: the outcome is unknown, so nobody is told their
-            # write happened (a client retrying with its client_msg_id is deduplicated if it did).
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(StoreUnavailable(f"SQLite writer stopped: {exc!r}"))
+        except asyncio.CancelledError:
+            # The outcome is unknown, so nobody is told their write happened (a client that retries with its
+            # client_msg_id is deduplicated if it did).
+            _fail(batch, StoreUnavailable("the SQLite writer was cancelled mid-commit"))
             raise
+        except Exception as exc:  # a bug, not a driver error (those are outcomes): fail the batch, keep going
+            _fail(batch, StoreUnavailable(f"the SQLite writer failed: {exc!r}"))
+            await self.call(_rollback, conn)
+            return
         if committed:
             self.commits += 1
         self.jobs += len(batch)
@@ -151,6 +151,12 @@ class Writer(Thread):
                 pending.future.set_result(outcome.value)
             else:
                 pending.future.set_exception(outcome.value)
+
+
+def _fail(batch: list[_Pending], error: StoreUnavailable) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(StoreUnavailable(error.message))
 
 
 def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple[list[_Outcome], bool]:
