@@ -46,6 +46,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     if start_workers:
         app.cleanup_ctx.append(_pool_ctx)
     app.on_shutdown.append(_close_sockets)
+    app.on_response_prepare.append(_no_stale_static)
     setup_routes(app)
     return app
 
@@ -75,3 +76,9 @@ async def _close_sockets(app: web.Application) -> None:
     sockets = app[keys.SOCKETS]
     for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
+async def _no_stale_static(request: web.Request, response: web.StreamResponse) -> None:
+    # The page's ES modules must not be served stale from a cache after an upgrade.
+    if request.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-cache"

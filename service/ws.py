@@ -36,8 +36,11 @@ class Connection:
         async with self._lock:
             await self.ws.send_str(orjson.dumps(frame).decode())
 
-    async def error(self, exc: ServiceError) -> None:
-        await self.send({"type": "error", "code": exc.code, "message": exc.message})
+    async def error(self, exc: ServiceError, client_msg_id: Any = None) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+        if isinstance(client_msg_id, str):
+            frame["client_msg_id"] = client_msg_id  # so the client knows which pending message was refused
+        await self.send(frame)
 
     async def pump(self, after: int) -> None:
         """Replay then live, until the socket closes. A store failure closes the socket (the client resumes)."""
@@ -60,7 +63,10 @@ class Connection:
         frame = parse.json_object(raw)
         kind = frame.get("type")
         if kind == "TextMessage":
-            await self.on_text(frame)
+            try:
+                await self.on_text(frame)
+            except ServiceError as exc:
+                await self.error(exc, frame.get("client_msg_id"))
         elif kind == "ack":
             await self.on_ack(frame)
         elif kind == "cancel":

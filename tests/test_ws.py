@@ -117,6 +117,9 @@ async def test_bad_frames_get_errors_and_the_connection_stays(client: Client) ->
             await ws.send_str(frame)
         answer = await ws.receive_json()
         assert answer["type"] == "error" and answer["code"] == code and answer["message"], (frame, answer)
+    await ws.send_json({"type": "TextMessage", "content": "", "client_msg_id": "empty1"})
+    refused = await ws.receive_json()
+    assert refused["code"] == "bad_request" and refused["client_msg_id"] == "empty1"  # names the refused message
     await ws.send_json({"type": "TextMessage", "content": "still here", "client_msg_id": "ok1"})
     frames = await receive_until(ws, completed)
     assert {"type": "ack", "client_msg_id": "ok1", "seq": 1} in frames
