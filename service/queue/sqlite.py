@@ -2,8 +2,8 @@
 
 One write connection driven by one writer task that group-commits (sqlite_writer.py), one read connection,
 WAL, ``synchronous=FULL`` by default (an acknowledged message survives power loss; NORMAL survives a process
-crash but may lose the last commits on power loss). The queue rules are SQL (sqlite_ops.py); this class is the
-async face of the Store contract (store.py).
+crash but may lose the last commits on power loss). The queue rules are SQL (sqlite_queue.py; sessions, log
+and cursors in sqlite_ops.py); this class is the async face of the Store contract (store.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from service.errors import StoreUnavailable
 from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session, utcnow
 from service.queue import sqlite_ops as ops
+from service.queue import sqlite_queue as queue
 from service.queue.sqlite_conn import check_synchronous, connect, migrations_pending, prepare, read_pragmas
 from service.queue.sqlite_writer import Reader, Writer
 from service.queue.store import Clock, CommitListener
@@ -114,7 +115,7 @@ class SqliteStore:
     ) -> Enqueued:
         now = self.clock()
         done = await self._writer.write(
-            lambda c: ops.enqueue(c, now, owner, session_id, content, client_msg_id, team, max_queued)
+            lambda c: queue.enqueue(c, now, owner, session_id, content, client_msg_id, team, max_queued)
         )
         if not done.duplicate:
             self._work.set()
@@ -125,7 +126,7 @@ class SqliteStore:
         # or a retry's not_before passing.
         if not self._work.is_set():
             now = self.clock()
-            if await self._reader.read(lambda c: ops.has_claimable(c, now)):
+            if await self._reader.read(lambda c: queue.has_claimable(c, now)):
                 return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work.wait(), timeout_s)
@@ -133,56 +134,56 @@ class SqliteStore:
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
         self._work.clear()
         now = self.clock()
-        return await self._writer.write(lambda c: ops.claim(c, now, worker_id, lease_s))
+        return await self._writer.write(lambda c: queue.claim(c, now, worker_id, lease_s))
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         now = self.clock()
-        return await self._writer.write(lambda c: ops.append(c, now, claim, entries))
+        return await self._writer.write(lambda c: queue.append(c, now, claim, entries))
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         now = self.clock()
-        return await self._writer.write(lambda c: ops.heartbeat(c, now, claim, lease_s))
+        return await self._writer.write(lambda c: queue.heartbeat(c, now, claim, lease_s))
 
     async def cancel_requested(self, claim: Claim) -> bool:
-        return await self._reader.read(lambda c: ops.cancel_requested(c, claim))
+        return await self._reader.read(lambda c: queue.cancel_requested(c, claim))
 
     async def take_answer(self, claim: Claim) -> Answer | None:
         now = self.clock()
-        return await self._writer.write(lambda c: ops.take_answer(c, now, claim))
+        return await self._writer.write(lambda c: queue.take_answer(c, now, claim))
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: ops.finish(c, now, claim, entry, team_state))
+        done = await self._writer.write(lambda c: queue.finish(c, now, claim, entry, team_state))
         self._work.set()  # the session's next input (if any) just became claimable
         return done
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: ops.requeue(c, now, claim, entry, not_before))
+        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, not_before))
         self._work.set()
         return done
 
     async def release(self, claim: Claim, entry: NewEntry) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: ops.requeue(c, now, claim, entry, now))
+        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now))
         self._work.set()
         return done
 
     async def recover_expired(self) -> list[Entry]:
         now = self.clock()
-        recovered = await self._writer.write(lambda c: ops.recover_expired(c, now))
+        recovered = await self._writer.write(lambda c: queue.recover_expired(c, now))
         if recovered:
             self._work.set()
         return recovered
 
     async def request_cancel(self, owner: str, session_id: str) -> bool:
-        return await self._writer.write(lambda c: ops.request_cancel(c, owner, session_id))
+        return await self._writer.write(lambda c: queue.request_cancel(c, owner, session_id))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         return await self._reader.read(lambda c: ops.load_team_state(c, session_id))
 
     async def counts(self) -> dict[str, int]:
-        return await self._reader.read(ops.counts)
+        return await self._reader.read(queue.counts)
 
     async def listen(self, listener: CommitListener) -> None:
         """One process per SQLite file is the supported shape: nothing to listen to."""

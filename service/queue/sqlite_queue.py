@@ -1,0 +1,217 @@
+"""The queue rules in SQL: the SQLite store's queue verbs (enqueue, claim, the fenced writes of a run,
+recovery). Same conventions as sqlite_ops.py: each function runs on a cursor inside the writer's transaction
+(or a read transaction) and never commits; the single writer's lock makes SELECT-then-UPDATE atomic.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from service.errors import LeaseLost, NotFound, QueueFull
+from service.models import (
+    RUN_FAILED,
+    USER_INPUT_REQUESTED,
+    Answer,
+    Claim,
+    Enqueued,
+    Entry,
+    NewEntry,
+    SessionStatus,
+    interrupted,
+)
+from service.queue.sqlite_conn import stamp
+from service.queue.sqlite_ops import Db, append_entries, create_session, owned, set_status
+
+INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at)
+VALUES (?, ?, ?, 'queued', 1, ?, ?)"""
+
+# Per-session FIFO and one running input per session, as a WHERE clause: the oldest queued input that is due,
+# whose session has nothing running and no older queued input (a retry waiting on backoff keeps its place).
+CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team
+FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
+WHERE i.status = 'queued' AND i.not_before <= :now
+  AND NOT EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id AND r.status = 'running')
+  AND NOT EXISTS (SELECT 1 FROM inputs AS o WHERE o.session_id = i.session_id AND o.status = 'queued'
+                  AND o.id < i.id)
+ORDER BY i.id LIMIT 1"""
+TAKE = """UPDATE inputs SET status = 'running', lease_token = ?, lease_expires_at = ?, worker_id = ?,
+run_id = ?, cancel_requested = 0 WHERE id = ?"""
+
+# Lease fencing: every write of a run names its token, and matches nothing once the input was recovered.
+FENCE = """SELECT s.last_seq FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
+WHERE i.id = ? AND i.lease_token = ? AND i.status = 'running'"""
+DONE = """UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL
+WHERE id = ? AND lease_token = ? AND status = 'running'"""
+REQUEUE = """UPDATE inputs SET status = 'queued', attempt = attempt + 1, not_before = ?, lease_token = NULL,
+lease_expires_at = NULL, worker_id = NULL, cancel_requested = 0
+WHERE id = ? AND lease_token = ? AND status = 'running'"""
+HEARTBEAT = (
+    """UPDATE inputs SET lease_expires_at = ? WHERE id = ? AND lease_token = ? AND status = 'running'"""
+)
+
+
+def enqueue(
+    db: Db,
+    now: datetime,
+    owner: str,
+    session_id: str,
+    content: str,
+    client_msg_id: str | None,
+    team: str,
+    max_queued: int | None,
+) -> Enqueued:
+    row = db.execute(
+        "SELECT owner, status, last_seq FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        create_session(db, now, owner, session_id, team, None)
+        row = (owner, SessionStatus.IDLE.value, 0)
+    elif row[0] != owner:
+        raise NotFound(f"session {session_id!r} not found")
+    if client_msg_id is not None and max_queued is not None:
+        # A duplicate is answered before the queue limit is looked at (it enqueues nothing).
+        seen = _seen(db, session_id, client_msg_id)
+        if seen is not None:
+            return seen
+    if max_queued is not None:
+        sql = "SELECT count(*) FROM inputs WHERE session_id = ? AND status = 'queued'"
+        (queued,) = db.execute(sql, (session_id,)).fetchone()
+        if queued >= max_queued:
+            raise QueueFull(f"session {session_id!r} already has {queued} queued inputs (limit {max_queued})")
+    # A running (or awaiting) session stays so; an idle or failed one now has work waiting.
+    status = SessionStatus.QUEUED if row[1] in (SessionStatus.IDLE, SessionStatus.FAILED) else None
+    user = NewEntry("TextMessage", "user", content)
+    try:
+        (entry,) = append_entries(
+            db, now, session_id, [user], None, client_msg_id, last=row[2], status=status
+        )
+    except sqlite3.IntegrityError:
+        # The UNIQUE index on (session_id, client_msg_id) found the duplicate: one statement fewer on the common
+        # path than looking first. Only the failed INSERT was undone, and it ran before anything else.
+        seen = None if client_msg_id is None else _seen(db, session_id, client_msg_id)
+        if seen is None:
+            raise
+        return seen
+    db.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now)))
+    return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
+
+
+def _seen(db: Db, session_id: str, client_msg_id: str) -> Enqueued | None:
+    sql = "SELECT seq FROM entries WHERE session_id = ? AND client_msg_id = ?"
+    row = db.execute(sql, (session_id, client_msg_id)).fetchone()
+    return None if row is None else Enqueued(session_id, int(row[0]), client_msg_id, True, None)
+
+
+def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None:
+    row = db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
+    if row is None:
+        return None
+    input_id, session_id, input_seq, content, attempt, owner, team = row
+    token = secrets.token_hex(16)
+    run_id = "r_" + token[:16]  # one draw from the OS for both; run ids are public, tokens only fence
+    db.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
+    set_status(db, session_id, SessionStatus.RUNNING, now)
+    return Claim(input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id)
+
+
+def fence(db: Db, claim: Claim) -> int:
+    """LeaseLost unless the claim still holds its input; else the session's last seq."""
+    row = db.execute(FENCE, (claim.input_id, claim.lease_token)).fetchone()
+    if row is None:
+        raise LeaseLost()
+    return int(row[0])
+
+
+def append(db: Db, now: datetime, claim: Claim, news: Sequence[NewEntry]) -> list[Entry]:
+    last = fence(db, claim)
+    asks = any(n.type == USER_INPUT_REQUESTED for n in news)
+    status = SessionStatus.AWAITING_INPUT if asks else None
+    return append_entries(db, now, claim.session_id, news, claim.run_id, last=last, status=status)
+
+
+def heartbeat(db: Db, now: datetime, claim: Claim, lease_s: float) -> bool:
+    cur = db.execute(HEARTBEAT, (now.timestamp() + lease_s, claim.input_id, claim.lease_token))
+    return cur.rowcount > 0
+
+
+def cancel_requested(db: Db, claim: Claim) -> bool:
+    sql = "SELECT cancel_requested FROM inputs WHERE id = ? AND lease_token = ? AND status = 'running'"
+    row = db.execute(sql, (claim.input_id, claim.lease_token)).fetchone()
+    # Fenced (recovered, or its session deleted): the run can no longer write anything, so it should stop too.
+    return row is None or bool(row[0])
+
+
+def take_answer(db: Db, now: datetime, claim: Claim) -> Answer | None:
+    fence(db, claim)
+    sql = """SELECT id, input_seq, content FROM inputs WHERE session_id = ? AND status = 'queued'
+    ORDER BY id LIMIT 1"""
+    row = db.execute(sql, (claim.session_id,)).fetchone()
+    if row is None:
+        return None
+    db.execute("UPDATE inputs SET status = 'done' WHERE id = ?", (row[0],))
+    set_status(db, claim.session_id, SessionStatus.RUNNING, now)
+    return Answer(int(row[1]), row[2])
+
+
+def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+    if db.execute(DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
+        raise LeaseLost()
+    status = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
+    (done,) = append_entries(
+        db,
+        now,
+        claim.session_id,
+        [entry],
+        claim.run_id,
+        status=status,
+        queued_first=True,
+        team_state=team_state,
+    )
+    return done
+
+
+def requeue(db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    """retry() and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
+    if db.execute(REQUEUE, (not_before.timestamp(), claim.input_id, claim.lease_token)).rowcount == 0:
+        raise LeaseLost()
+    status = SessionStatus.QUEUED
+    (done,) = append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
+    return done
+
+
+def recover_expired(db: Db, now: datetime) -> list[Entry]:
+    # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
+    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token FROM inputs
+    WHERE status = 'running' AND lease_expires_at < ?"""
+    recovered: list[Entry] = []
+    for input_id, session_id, input_seq, attempt, run_id, token in sorted(
+        db.execute(sql, (now.timestamp(),))
+    ):
+        db.execute(REQUEUE, (now.timestamp(), input_id, token))
+        entry = interrupted(input_seq, attempt)
+        recovered += append_entries(db, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
+    return recovered
+
+
+def request_cancel(db: Db, owner: str, session_id: str) -> bool:
+    if owned(db, owner, session_id) is None:
+        return False
+    sql = "UPDATE inputs SET cancel_requested = 1 WHERE session_id = ? AND status = 'running'"
+    return db.execute(sql, (session_id,)).rowcount > 0
+
+
+def counts(db: Db) -> dict[str, int]:
+    # Two counts, not GROUP BY status: each is answered from its partial index, never a scan of done inputs.
+    queued, running = db.execute(
+        "SELECT (SELECT count(*) FROM inputs WHERE status = 'queued'),"
+        " (SELECT count(*) FROM inputs WHERE status = 'running')"
+    ).fetchone()
+    return {"queued": int(queued), "running": int(running)}
+
+
+def has_claimable(db: Db, now: datetime) -> bool:
+    return db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone() is not None
