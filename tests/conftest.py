@@ -64,3 +64,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
             yield s
         finally:
             await s.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database URL of each backend, for service-level tests (real clock)."""
+    with backend_url(request.param, tmp_path) as url:
+        yield url

@@ -17,10 +17,9 @@ Client = TestClient[Any, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def client(request: pytest.FixtureRequest, tmp_path: Path, aiohttp_client: MakeClient) -> Client:
-    database = "memory://" if request.param == "memory" else str(tmp_path / "api.db")
-    return await aiohttp_client(create_app(make_config(database), start_workers=False))
+@pytest.fixture
+async def client(database_url: str, aiohttp_client: MakeClient) -> Client:
+    return await aiohttp_client(create_app(make_config(database_url), start_workers=False))
 
 
 async def test_session_lifecycle(client: Client) -> None:

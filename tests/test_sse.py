@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,12 +16,9 @@ from tests.web import make_config
 Client = TestClient[Any, web.Application]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def client(
-    request: pytest.FixtureRequest, tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
-) -> Client:
-    database = "memory://" if request.param == "memory" else str(tmp_path / "sse.db")
-    return await aiohttp_client(create_app(make_config(database)))
+@pytest.fixture
+async def client(database_url: str, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+    return await aiohttp_client(create_app(make_config(database_url)))
 
 
 async def read_events(response: ClientResponse, until: str) -> list[tuple[str | None, dict[str, Any]]]:

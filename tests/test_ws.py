@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +19,9 @@ def completed(frame: dict[str, Any]) -> bool:
     return frame.get("type") == "run_completed"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def client(
-    request: pytest.FixtureRequest, tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
-) -> Client:
-    database = "memory://" if request.param == "memory" else str(tmp_path / "ws.db")
-    return await aiohttp_client(create_app(make_config(database, max_frame_bytes=1000)))
+@pytest.fixture
+async def client(database_url: str, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+    return await aiohttp_client(create_app(make_config(database_url, max_frame_bytes=1000)))
 
 
 async def test_chat_streams_chunks_then_durable_reply(client: Client) -> None:
@@ -119,7 +115,9 @@ async def test_bad_frames_get_errors_and_the_connection_stays(client: Client) ->
         assert answer["type"] == "error" and answer["code"] == code and answer["message"], (frame, answer)
     await ws.send_json({"type": "TextMessage", "content": "", "client_msg_id": "empty1"})
     refused = await ws.receive_json()
-    assert refused["code"] == "bad_request" and refused["client_msg_id"] == "empty1"  # names the refused message
+    assert (
+        refused["code"] == "bad_request" and refused["client_msg_id"] == "empty1"
+    )  # names the refused message
     await ws.send_json({"type": "TextMessage", "content": "still here", "client_msg_id": "ok1"})
     frames = await receive_until(ws, completed)
     assert {"type": "ack", "client_msg_id": "ok1", "seq": 1} in frames
