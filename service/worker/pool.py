@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from service.errors import StoreUnavailable
 from service.hub import Hub
-from service.models import utcnow
+from service.models import Claim, utcnow
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.worker.logs import error_line, install_log_filters
@@ -155,16 +155,26 @@ class WorkerPool:
 
     # --- runs -----------------------------------------------------------------------------------------------
     async def _fill_slots(self) -> int:
-        """Claim while slots are free; the number of runs started."""
+        """Claim while slots are free; the number of runs started. The claims for all free slots go out at
+        once, so the store commits them together (one after the other, each would wait for its own commit)."""
         started = 0
-        while not self._stopping and self._busy() < self.workers:
-            claim = await self.store.claim(self.worker_id, self.lease_s)
-            if claim is None:
+        while not self._stopping and (free := self.workers - self._busy()) > 0:
+            claims = await asyncio.gather(
+                *(self.store.claim(self.worker_id, self.lease_s) for _ in range(free)), return_exceptions=True
+            )
+            got = [claim for claim in claims if isinstance(claim, Claim)]
+            for claim in got:  # start what was claimed even if a sibling claim failed: its lease is ours
+                run = Run(claim, self._deps, self._notify)
+                self._runs[claim.run_id] = (
+                    run,
+                    asyncio.create_task(self._run(run), name=f"run-{claim.run_id}"),
+                )
+            started += len(got)
+            error = next((c for c in claims if isinstance(c, BaseException)), None)
+            if error is not None:
+                raise error
+            if len(got) < free:
                 break
-            run = Run(claim, self._deps, self._notify)
-            task = asyncio.create_task(self._run(run), name=f"run-{claim.run_id}")
-            self._runs[claim.run_id] = (run, task)
-            started += 1
         return started
 
     async def _run(self, run: Run) -> None:
