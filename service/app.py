@@ -26,9 +26,9 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     )
     app[keys.CONFIG] = config
     app[keys.STORE] = store or open_store(config.database, sqlite_synchronous=config.sqlite_synchronous)
-    app[keys.HUB] = Hub(buffer_size=config.send_buffer)
-    app[keys.TEAMS] = TeamRegistry.from_config(config.teams)  # validated now: bad team configs stop the start
     app[keys.METRICS] = Metrics()
+    app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)
+    app[keys.TEAMS] = TeamRegistry.from_config(config.teams)  # validated now: bad team configs stop the start
     app[keys.SOCKETS] = weakref.WeakSet()
     app[keys.POOL] = WorkerPool(
         app[keys.STORE],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,16 +44,15 @@ class Subscription:
 
 
 class Hub:
-    def __init__(self, buffer_size: int = 1000) -> None:
+    def __init__(self, buffer_size: int = 1000, on_publish: Callable[[int], object] | None = None) -> None:
         self.buffer_size = buffer_size
+        self._on_publish = on_publish  # counts committed entries (metrics)
         self._subs: defaultdict[str, set[Subscription]] = defaultdict(set)
-        # Highest committed seq seen per session, for readers woken by another process's commit.
-        self.known_seq: dict[str, int] = {}
 
     def publish(self, session_id: str, entries: Sequence[Entry]) -> None:
         """Committed entries, in seq order (call only after the commit)."""
-        if entries:
-            self.known_seq[session_id] = max(self.known_seq.get(session_id, 0), entries[-1].seq)
+        if entries and self._on_publish is not None:
+            self._on_publish(len(entries))
         for sub in list(self._subs.get(session_id, ())):
             for entry in entries:
                 sub.offer(entry)
@@ -64,7 +63,6 @@ class Hub:
 
     def notify_commit(self, session_id: str, last_seq: int) -> None:
         """Another process committed up to ``last_seq``: readers must re-read the store (they see it as a lag)."""
-        self.known_seq[session_id] = max(self.known_seq.get(session_id, 0), last_seq)
         for sub in list(self._subs.get(session_id, ())):
             sub.lagged = True
             sub.signal.set()
@@ -81,6 +79,9 @@ class Hub:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[session_id]
+
+    def has_subscribers(self, session_id: str) -> bool:
+        return session_id in self._subs
 
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

@@ -46,6 +46,3 @@ class Metrics:
         self.runs_running.dec()
         self.runs.labels(outcome, team).inc()
         self.run_duration.observe(duration_s)
-
-    def entries_written(self, count: int) -> None:
-        self.entries_appended.inc(count)
