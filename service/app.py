@@ -25,7 +25,9 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         client_max_size=config.max_body_bytes, middlewares=[middleware.errors, middleware.auth]
     )
     app[keys.CONFIG] = config
-    app[keys.STORE] = store or open_store(config.database, sqlite_synchronous=config.sqlite_synchronous)
+    app[keys.STORE] = store or open_store(
+        config.database, sqlite_synchronous=config.sqlite_synchronous, exclusive=True
+    )
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)
     app[keys.TEAMS] = TeamRegistry.from_config(config.teams)  # validated now: bad team configs stop the start

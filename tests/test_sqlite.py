@@ -327,3 +327,26 @@ async def test_disk_full_is_unavailable(writer: Writer, db_path: str) -> None:
     assert isinstance(full, StoreUnavailable) and "is full" in full.message
     assert ok == 1 or isinstance(ok, StoreUnavailable)  # SQLite may roll back the whole transaction on FULL
     assert 7 not in child_ids(db_path)
+
+
+async def test_exclusive_store_locks_the_file_and_requeues_orphans_at_once(tmp_path: Path) -> None:
+    """The server's SQLite store: one process per file, and a restart re-queues a dead run without waiting."""
+    path = str(tmp_path / "x.db")
+    first = SqliteStore(path, exclusive=True)
+    await first.open()
+    await first.enqueue("local", "s1", "hello", "m1")
+    claim = await first.claim("dead-worker", lease_s=3600)
+    assert claim is not None
+    second = SqliteStore(path, exclusive=True)
+    with pytest.raises(StoreUnavailable, match="in use by another service process"):
+        await second.open()
+    await first.close()  # like a crash: the run never finished, its lease is still an hour long
+    third = SqliteStore(path, exclusive=True)
+    await third.open()
+    try:
+        page = await third.read_log("s1")
+        assert [e.type for e in page.messages] == ["TextMessage", "run_interrupted"]
+        again = await third.claim("new-worker", lease_s=30)
+        assert again is not None and again.attempt == 2 and again.input_seq == 1
+    finally:
+        await third.close()

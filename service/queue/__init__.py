@@ -7,9 +7,11 @@ from service.models import utcnow
 from service.queue.store import Clock, Store
 
 
-def open_store(url: str, *, clock: Clock = utcnow, sqlite_synchronous: str = "FULL") -> Store:
+def open_store(
+    url: str, *, clock: Clock = utcnow, sqlite_synchronous: str = "FULL", exclusive: bool = False
+) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
-    ``postgresql://...``."""
+    ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore)."""
     if url.startswith("memory://"):
         from service.queue.memory import MemoryStore
 
@@ -29,7 +31,7 @@ def open_store(url: str, *, clock: Clock = utcnow, sqlite_synchronous: str = "FU
         path = url
     from service.queue.sqlite import SqliteStore
 
-    return SqliteStore(path, synchronous=sqlite_synchronous, clock=clock)
+    return SqliteStore(path, synchronous=sqlite_synchronous, clock=clock, exclusive=exclusive)
 
 
 __all__ = ["Store", "open_store"]

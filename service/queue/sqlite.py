@@ -11,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from service.errors import StoreUnavailable
 from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session, utcnow
 from service.queue import sqlite_ops as ops
 from service.queue import sqlite_queue as queue
-from service.queue.sqlite_conn import check_synchronous, connect, migrations_pending, prepare, read_pragmas
+from service.queue.sqlite_conn import (
+    FileLock,
+    check_synchronous,
+    connect,
+    migrations_pending,
+    prepare,
+    read_pragmas,
+)
 from service.queue.sqlite_writer import Reader, Writer
 from service.queue.store import Clock, CommitListener
 
@@ -26,8 +33,15 @@ from service.queue.store import Clock, CommitListener
 class SqliteStore:
     dialect: ClassVar[str] = "sqlite"
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", clock: Clock = utcnow) -> None:
+    def __init__(
+        self, path: str, *, synchronous: str = "FULL", clock: Clock = utcnow, exclusive: bool = False
+    ) -> None:
+        """``exclusive``: this process is the file's only service (the server sets it). It takes an OS lock on
+        ``<path>.lock`` and, since no other process can then hold a lease, re-queues every input left running by
+        a dead predecessor at once, instead of after its lease expires."""
         self.path = path
+        self.exclusive = exclusive
+        self._lock: FileLock | None = None
         self.synchronous = check_synchronous(synchronous)
         self.clock = clock
         self._writer = Writer("sqlite-writer", path)
@@ -43,6 +57,8 @@ class SqliteStore:
         return self._writer.commits
 
     async def open(self) -> None:
+        if self.exclusive:
+            self._lock = FileLock.take(self.path + ".lock")
         try:
             writer = await self._writer.open(
                 lambda: connect(self.path, synchronous=self.synchronous, writer=True)
@@ -52,8 +68,18 @@ class SqliteStore:
         except BaseException:
             await self._writer.close()
             await self._reader.close()
+            self._release_lock()
             raise
         self._writer.start()
+        if self.exclusive:
+            now = self.clock()
+            forever = now + timedelta(days=36500)
+            await self._writer.write(lambda c: queue.recover_expired(c, now, cutoff=forever))
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def close(self) -> None:
         if self._closed:
@@ -61,6 +87,7 @@ class SqliteStore:
         self._closed = True
         await self._writer.close()
         await self._reader.close()
+        self._release_lock()
 
     async def pragmas(self) -> dict[str, Any]:
         """The write connection's settings as SQLite reports them (diagnostics; tests check they are honoured)."""

@@ -3,6 +3,8 @@ threads, never on the event loop)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,3 +157,30 @@ def migrations_pending(conn: sqlite3.Connection) -> bool:
         return bool(pending(load_migrations("sqlite"), applied_versions(conn)))
     except IncompatibleDatabase:
         return True
+
+
+class FileLock:
+    """An exclusive OS lock (flock) held for the life of a store: one service process per SQLite file.
+
+    The kernel drops it when the process dies, even on SIGKILL, so a restart never waits for a stale lock."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def take(cls, path: str) -> FileLock:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"the SQLite database {path.removesuffix('.lock')} is in use by another service process; "
+                "SQLite serves one process: use PostgreSQL to run several instances"
+            ) from exc
+        return cls(fd)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)

@@ -183,13 +183,14 @@ def requeue(db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: da
     return done
 
 
-def recover_expired(db: Db, now: datetime) -> list[Entry]:
+def recover_expired(db: Db, now: datetime, cutoff: datetime | None = None) -> list[Entry]:
+    """Re-queue running inputs whose lease expired before ``cutoff`` (default now)."""
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
     sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token FROM inputs
     WHERE status = 'running' AND lease_expires_at < ?"""
     recovered: list[Entry] = []
     for input_id, session_id, input_seq, attempt, run_id, token in sorted(
-        db.execute(sql, (now.timestamp(),))
+        db.execute(sql, ((cutoff or now).timestamp(),))
     ):
         db.execute(REQUEUE, (now.timestamp(), input_id, token))
         entry = interrupted(input_seq, attempt)
