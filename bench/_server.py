@@ -60,6 +60,12 @@ class Server:
                 return int(line.split()[1])
         raise RuntimeError(f"no VmRSS for pid {self.pid}")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the process has used (utime and stime in /proc/<pid>/stat)."""
+        # The command name (field 2) may hold spaces; the numeric fields follow its closing parenthesis.
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     async def stop(self) -> int:
         """SIGTERM and wait; SIGKILL when it does not exit in time. The exit code."""
         if self.proc.returncode is None:
@@ -92,4 +98,6 @@ async def served(folder: Path, *args: str, name: str = "server") -> AsyncIterato
         await server.wait_listening()
         yield server
     finally:
-        await server.stop()
+        code = await server.stop()
+        if code != 0:  # a graceful SIGTERM shutdown exits 0; anything else deserves a look at the log
+            print(f"{name} exited with {code}, see {log_path}:\n{server.output()[-2000:]}", file=sys.stderr)

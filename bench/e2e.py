@@ -3,9 +3,14 @@
 
 1. Turns: ``--clients`` WebSocket clients on their own sessions each send ``--turns`` messages, one at a time
    (send, wait for that turn's ``run_completed``, ack it, send the next), against memory://, a SQLite file and
-   (when reachable) PostgreSQL, also with two instances on one PostgreSQL database. turns/s and p50/p99 latency
-   from send to ``run_completed``. The team is the shipped default team with the demo model's chunk delay set
-   to 0 (a copy passed as ``--teams default=<file>``), so the service is measured, not the model's pauses.
+   (when reachable) PostgreSQL, also with two instances on one PostgreSQL database. turns/s, p50/p99 latency
+   from send to ``run_completed``, and the server's CPU time per turn (the service is CPU-bound on this machine,
+   so that column explains the turns/s). The team is the shipped default team with the demo model's chunk delay
+   set to 0 (a copy passed as ``--teams default=<file>``): with its 30 ms per streamed word a turn takes ~0.3 s
+   and the pauses, not the service, would be measured. memory:// and SQLite alternate ``--rounds`` times and the
+   best run of each is shown, so a neighbour's burst of CPU does not decide their ratio.
+   ``--workers 8`` per process: 50 sessions each with one input at a time keep 8 slots busy, and one process
+   runs on one core anyway (more slots would only interleave more runs on it).
 2. Replay: a fresh WebSocket replaying a ``--replay``-entry session vs a plain aiohttp WebSocket server (in this
    process) sending the same pre-serialised frames.
 3. Idle: ``--idle`` idle WebSocket connections, the server's VmRSS before and after.
@@ -108,6 +113,7 @@ class TurnResult:
     label: str
     turns: int
     seconds: float
+    server_cpu_s: float  # user + system time of the server process(es) during the measured turns
     latencies_s: list[float]
 
     @property
@@ -172,9 +178,10 @@ async def client_turns(
         return latencies
 
 
-async def run_turns(label: str, ws_urls: list[str], clients: int, turns: int) -> TurnResult:
-    """``clients`` clients spread round robin over ``ws_urls``; wall time from the common start to the last
-    run_completed."""
+async def run_turns(label: str, servers: list[Server], clients: int, turns: int) -> TurnResult:
+    """``clients`` clients spread round robin over ``servers``; wall time (and the servers' CPU time) from the
+    common start to the last run_completed."""
+    ws_urls = [s.ws_url for s in servers]
     gate = StartGate(clients)
     tag = uuid.uuid4().hex[:8]
     async with http_session() as http:
@@ -193,16 +200,17 @@ async def run_turns(label: str, ws_urls: list[str], clients: int, turns: int) ->
                 if failed:
                     failed[0].result()  # re-raises the client's error
                 raise TimeoutError(f"{label}: clients not ready after {SCENARIO_TIMEOUT_S:.0f} s")
-            began = time.perf_counter()
+            began, cpu_before = time.perf_counter(), sum(s.cpu_s() for s in servers)
             gate.go.set()
             per_client = await asyncio.wait_for(asyncio.gather(*tasks), SCENARIO_TIMEOUT_S)
             seconds = time.perf_counter() - began
+            server_cpu_s = sum(s.cpu_s() for s in servers) - cpu_before
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     latencies = [x for client in per_client for x in client]
-    return TurnResult(label, len(latencies), seconds, latencies)
+    return TurnResult(label, len(latencies), seconds, server_cpu_s, latencies)
 
 
 def print_turns(results: list[TurnResult], args: argparse.Namespace) -> None:
@@ -210,10 +218,17 @@ def print_turns(results: list[TurnResult], args: argparse.Namespace) -> None:
         f"\n1. turns: {args.clients} WebSocket clients x {args.turns} messages, own sessions, "
         f"--workers {args.workers} per process (memory/SQLite: best of {args.rounds})"
     )
-    print(f"{'backend':<24} {'turns':>6} {'seconds':>8} {'turns/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"{'backend':<24} {'turns':>6} {'seconds':>8} {'turns/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'server CPU ms/turn':>18}"
+    )
     for r in results:
         p50, p99 = percentile(r.latencies_s, 0.50) * 1000, percentile(r.latencies_s, 0.99) * 1000
-        print(f"{r.label:<24} {r.turns:>6} {r.seconds:>8.2f} {r.turns_per_s:>8.1f} {p50:>8.1f} {p99:>8.1f}")
+        cpu_ms = r.server_cpu_s * 1000 / r.turns
+        print(
+            f"{r.label:<24} {r.turns:>6} {r.seconds:>8.2f} {r.turns_per_s:>8.1f} {p50:>8.1f} {p99:>8.1f} "
+            f"{cpu_ms:>18.1f}"
+        )
 
 
 # --- 2. replay -----------------------------------------------------------------------------------------------
@@ -449,7 +464,7 @@ async def turns_on(
             await stack.enter_async_context(served(folder, *common, name=f"{safe_name(label)}-{i}"))
             for i in range(instances)
         ]
-        return await run_turns(label, [s.ws_url for s in servers], args.clients, args.turns)
+        return await run_turns(label, servers, args.clients, args.turns)
 
 
 async def memory_and_sqlite(folder: Path, args: argparse.Namespace, team: Path) -> list[TurnResult]:
@@ -500,7 +515,7 @@ async def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="memory/SQLite runs, alternated (best is shown)"
+        "--rounds", type=int, default=3, help="memory/SQLite runs, alternated (best is shown)"
     )
     parser.add_argument("--replay", type=int, default=10_000)
     parser.add_argument("--replay-repeats", type=int, default=3)
