@@ -148,7 +148,8 @@ def test_server_killed_and_restarted(server: ServerProcess, chat: ChatPage) -> N
     chat.open_new_chat(server.url)
     chat.send("[[sleep:2]] hello")
     chat.wait_acked()
-    server.kill()  # right after the ack
+    expect(chat.durable(type_="run_started")).to_have_count(1)  # the run is mid-flight
+    server.kill()
     chat.wait_disconnected()
 
     server.restart()
