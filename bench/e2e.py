@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import logging
 import resource
+import signal
 import socket
 import tempfile
 import time
@@ -523,6 +524,10 @@ async def main() -> None:
     parser.add_argument("--pg", help="a throwaway PostgreSQL database URL (default: auto on 127.0.0.1:5432)")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     args = parser.parse_args()
+    # SIGTERM cancels the bench like Ctrl-C does, so the finally blocks still stop the servers.
+    main_task = asyncio.current_task()
+    if main_task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     raise_fd_limit(2 * args.idle + 1024)
 
