@@ -30,6 +30,7 @@ from service.worker.teams import TeamRegistry
 
 log = logging.getLogger(__name__)
 DEFAULT_RETRY = RetryPolicy()
+CANCEL_CHECK_MIN_S = 0.1
 
 
 class PoolMetrics(Protocol):
@@ -108,11 +109,15 @@ class WorkerPool:
     async def start(self) -> None:
         """Recover expired leases, then claim and run in the background until ``stop()``."""
         await self._recover()
-        for name, coro in (("claim", self._claim_loop), ("heartbeat", self._heartbeat_loop)):
+        loops = [
+            ("claim", self._claim_loop),
+            ("heartbeat", self._heartbeat_loop),
+            ("recovery", self._recovery_loop),
+        ]
+        if self.store.dialect == "postgresql":  # several processes: cancels may be asked elsewhere
+            loops.append(("cancel-watch", self._cancel_watch_loop))
+        for name, coro in loops:
             self._side_tasks.append(asyncio.create_task(self._guard(name, coro), name=f"pool-{name}"))
-        self._side_tasks.append(
-            asyncio.create_task(self._guard("recovery", self._recovery_loop), name="pool-rec")
-        )
         log.info("worker pool %s started: %d workers", self.worker_id, self.workers)
 
     async def stop(self) -> None:
@@ -275,6 +280,20 @@ class WorkerPool:
             run.stop(StopReason.LEASE_LOST)
         elif await self.store.cancel_requested(run.claim):
             run.stop(StopReason.CANCEL)
+
+    async def _cancel_watch_loop(self) -> None:
+        """A cancel asked in another process arrives as a work notification: check this process's runs then,
+        rather than only at the next heartbeat."""
+        while True:
+            await self.store.wait_for_work(self.heartbeat_s)
+            for run in [run for run, _ in self._runs.values() if not run.done and run.stop_reason is None]:
+                try:
+                    if await self.store.cancel_requested(run.claim):
+                        run.stop(StopReason.CANCEL)
+                except StoreUnavailable as exc:
+                    log.warning("%s: cancel check failed: %s", run.describe(), exc.message)
+            # Every enqueue anywhere also wakes this loop: check at most this often.
+            await asyncio.sleep(CANCEL_CHECK_MIN_S)
 
     async def _recovery_loop(self) -> None:
         while True:
