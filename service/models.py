@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,19 @@ class SessionStatus(enum.StrEnum):
     RUNNING = "running"
     AWAITING_INPUT = "awaiting_input"
     FAILED = "failed"
+
+
+def new_session_id() -> str:
+    return "s_" + secrets.token_hex(8)
+
+
+def new_run_id() -> str:
+    return "r_" + secrets.token_hex(8)
+
+
+def new_lease_token() -> str:
+    """Fences a run's writes; never shown to clients (unlike the run id)."""
+    return secrets.token_hex(16)
 
 
 def utcnow() -> datetime:

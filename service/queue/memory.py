@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import secrets
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,9 @@ from service.models import (
     Session,
     SessionStatus,
     interrupted,
+    new_lease_token,
+    new_run_id,
+    new_session_id,
     utcnow,
 )
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
@@ -257,9 +259,9 @@ class MemoryStore:
             if item is None:
                 return None
             item.status = RUNNING
-            item.lease_token = secrets.token_hex(16)
+            item.lease_token = new_lease_token()
             item.lease_expires_at = now + timedelta(seconds=lease_s)
-            item.run_id = "r_" + secrets.token_hex(8)
+            item.run_id = new_run_id()
             item.cancel = False
             row = self._sessions[item.session_id]
             row.updated_at = now
@@ -380,7 +382,7 @@ class MemoryStore:
     # --- internals (called with the lock held) ----------------------------------------------------
     def _new_session_id(self) -> str:
         while True:
-            session_id = "s_" + secrets.token_hex(8)
+            session_id = new_session_id()
             if session_id not in self._sessions:
                 return session_id
 

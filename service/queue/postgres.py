@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -31,6 +30,8 @@ from service.models import (
     NewEntry,
     SessionStatus,
     interrupted,
+    new_lease_token,
+    new_run_id,
 )
 from service.queue import postgres_sql as q
 from service.queue.postgres_base import PostgresBase
@@ -100,7 +101,7 @@ class PostgresStore(PostgresBase):
             input_id = await conn.fetchval(q.SESSION_HEAD, session_id, now)
             if input_id is None:
                 return False, None
-            run_id, token = "r_" + secrets.token_hex(8), secrets.token_hex(16)
+            run_id, token = new_run_id(), new_lease_token()
             expires = now + timedelta(seconds=lease_s)
             row = await conn.fetchrow(q.TAKE_INPUT, input_id, token, expires, worker_id, run_id)
             await conn.execute(q.SET_STATUS, session_id, SessionStatus.RUNNING.value, now)

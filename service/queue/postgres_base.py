@@ -3,7 +3,6 @@ queue verbs and the design notes)."""
 
 from __future__ import annotations
 
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from service.models import (
     Page,
     Session,
     SessionStatus,
+    new_session_id,
     utcnow,
 )
 from service.queue import postgres_sql as q
@@ -127,7 +127,7 @@ class PostgresBase:
     async def create_session(
         self, owner: str, session_id: str | None, team: str, title: str | None
     ) -> Session:
-        sid = session_id if session_id is not None else "s_" + secrets.token_hex(8)
+        sid = session_id if session_id is not None else new_session_id()
         async with self._tx() as conn:
             row = await conn.fetchrow(q.INSERT_SESSION, sid, owner, team, title, self._clock())
         if row is None:

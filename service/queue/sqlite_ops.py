@@ -9,7 +9,6 @@ single writer holds SQLite's write lock for the whole batch, a SELECT followed b
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
@@ -24,6 +23,7 @@ from service.models import (
     Page,
     Session,
     SessionStatus,
+    new_session_id,
     parse_iso,
 )
 from service.queue.sqlite_conn import stamp
@@ -44,10 +44,6 @@ status = CASE WHEN ?3 IS NULL THEN status
 WHERE session_id = ?5"""
 SAVE_STATE = """INSERT INTO team_states (session_id, state, updated_at) VALUES (?, ?, ?)
 ON CONFLICT (session_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"""
-
-
-def new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(8)
 
 
 def to_session(row: sqlite3.Row | tuple[Any, ...]) -> Session:
@@ -79,7 +75,7 @@ def owned(db: Db, owner: str, session_id: str) -> Session | None:
 def create_session(
     db: Db, now: datetime, owner: str, session_id: str | None, team: str, title: str | None
 ) -> Session:
-    sid = session_id or new_id("s_")
+    sid = session_id or new_session_id()
     if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (sid,)).fetchone() is not None:
         raise Conflict(f"session {sid!r} already exists")
     db.execute(INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now)))

@@ -5,7 +5,6 @@ recovery). Same conventions as sqlite_ops.py: each function runs on a cursor ins
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
@@ -22,6 +21,8 @@ from service.models import (
     NewEntry,
     SessionStatus,
     interrupted,
+    new_lease_token,
+    new_run_id,
 )
 from service.queue.sqlite_conn import stamp
 from service.queue.sqlite_ops import Db, append_entries, create_session, owned, set_status
@@ -111,8 +112,7 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     if row is None:
         return None
     input_id, session_id, input_seq, content, attempt, owner, team = row
-    token = secrets.token_hex(16)
-    run_id = "r_" + token[:16]  # one draw from the OS for both; run ids are public, tokens only fence
+    token, run_id = new_lease_token(), new_run_id()
     db.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
     set_status(db, session_id, SessionStatus.RUNNING, now)
     return Claim(input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id)
