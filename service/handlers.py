@@ -9,6 +9,7 @@ from service.auth import current_user
 from service.errors import BadRequest, NotFound
 from service.models import Session
 from service.queue.store import Store
+from service.respond import json_response
 
 
 def _store(request: web.Request) -> Store:
@@ -33,16 +34,16 @@ async def create_session(request: web.Request) -> web.Response:
         raise BadRequest(f"unknown team {team!r}; configured: {', '.join(request.app[keys.TEAMS].names())}")
     title = parse.optional_str(data, "title", parse.MAX_TITLE)
     session = await _store(request).create_session(current_user(request), sid, team, title)
-    return web.json_response(session.to_json(), status=201)
+    return json_response(session.to_json(), status=201)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     sessions = await _store(request).list_sessions(current_user(request))
-    return web.json_response({"sessions": [s.to_json() for s in sessions]})
+    return json_response({"sessions": [s.to_json() for s in sessions]})
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response((await owned_session(request)).to_json())
+    return json_response((await owned_session(request)).to_json())
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -63,7 +64,7 @@ async def read_messages(request: web.Request) -> web.Response:
     page = await _store(request).read_log(
         session.session_id, after=after, before=before, limit=parse.limit(request.query.get("limit"), config)
     )
-    return web.json_response(page.to_json())
+    return json_response(page.to_json())
 
 
 async def post_message(request: web.Request) -> web.Response:
@@ -80,21 +81,21 @@ async def post_message(request: web.Request) -> web.Response:
     if queued.entry is not None:
         request.app[keys.HUB].publish(sid, [queued.entry])
         request.app[keys.METRICS].inputs_enqueued.inc()
-    return web.json_response(queued.to_json(), status=202)
+    return json_response(queued.to_json(), status=202)
 
 
 async def cancel(request: web.Request) -> web.Response:
     session = await owned_session(request)
     requested = await _store(request).request_cancel(current_user(request), session.session_id)
     local = request.app[keys.POOL].cancel(session.session_id)
-    return web.json_response({"cancelled": requested or local}, status=202)
+    return json_response({"cancelled": requested or local}, status=202)
 
 
 async def get_cursor(request: web.Request) -> web.Response:
     session = await owned_session(request)
     client_id = parse.ident(request.match_info.get("client_id"), "client_id")
     seq = await _store(request).get_cursor(session.session_id, client_id)
-    return web.json_response({"seq": seq or 0})
+    return json_response({"seq": seq or 0})
 
 
 async def put_cursor(request: web.Request) -> web.Response:
@@ -103,4 +104,4 @@ async def put_cursor(request: web.Request) -> web.Response:
     data = await parse.body(request)
     raw = parse.seq(data.get("seq"))
     seq = await _store(request).set_cursor(session.session_id, client_id, raw)
-    return web.json_response({"seq": seq})
+    return json_response({"seq": seq})

@@ -7,10 +7,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import keys
 from service.errors import StoreUnavailable, error_body
+from service.respond import json_response
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -20,13 +21,13 @@ async def readyz(request: web.Request) -> web.Response:
     except StoreUnavailable:
         ready = False
     if not ready:
-        return web.json_response(
+        return json_response(
             error_body("unavailable", "the database is unreachable or not migrated"), status=503
         )
     failed = request.app[keys.POOL].failed
     if failed is not None:
-        return web.json_response(error_body("unavailable", f"the worker pool stopped: {failed}"), status=503)
-    return web.json_response({"status": "ready"})
+        return json_response(error_body("unavailable", f"the worker pool stopped: {failed}"), status=503)
+    return json_response({"status": "ready"})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

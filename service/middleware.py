@@ -10,6 +10,7 @@ from aiohttp.typedefs import Handler
 from service import keys
 from service.auth import OWNER_KEY, authenticate, is_public
 from service.errors import ServiceError, error_body
+from service.respond import json_response
 
 log = logging.getLogger("service.http")
 
@@ -27,7 +28,7 @@ _HTTP_CODES = {
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response(error_body(code, message), status=status)
+    return json_response(error_body(code, message), status=status)
 
 
 @web.middleware

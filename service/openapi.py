@@ -9,6 +9,7 @@ from aiohttp import web
 
 from service import keys
 from service.parse import MAX_CLIENT_MSG_ID, MAX_INT
+from service.respond import json_response
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
 INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
@@ -256,4 +257,4 @@ async def spec_handler(request: web.Request) -> web.Response:
     spec = copy.deepcopy(SPEC)
     create = spec["paths"]["/sessions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     create["properties"]["team"]["enum"] = request.app[keys.TEAMS].names()
-    return web.json_response(spec)
+    return json_response(spec)
