@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import AsyncIterator
 
@@ -32,6 +33,8 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)
     app[keys.TEAMS] = TeamRegistry.from_config(config.teams)  # validated now: bad team configs stop the start
     app[keys.SOCKETS] = weakref.WeakSet()
+    app[keys.STREAMS] = set()
+    app[keys.SHUTTING_DOWN] = asyncio.Event()
     app[keys.POOL] = WorkerPool(
         app[keys.STORE],
         app[keys.HUB],
@@ -75,9 +78,13 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
+    app[keys.SHUTTING_DOWN].set()
     sockets = app[keys.SOCKETS]
     for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    streams = app[keys.STREAMS]
+    for task in list(streams):
+        task.cancel()  # an SSE client reconnects elsewhere with Last-Event-ID
 
 
 async def _no_stale_static(request: web.Request, response: web.StreamResponse) -> None:

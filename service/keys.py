@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
+from typing import Any
 
 from aiohttp import web
 
@@ -20,3 +22,6 @@ POOL = web.AppKey("pool", WorkerPool)
 TEAMS = web.AppKey("teams", TeamRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+# SSE handler tasks: a stream never ends by itself, so shutdown cancels them (else it waits out its timeout).
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)

@@ -32,6 +32,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     request.app[keys.METRICS].replay_entries.observe(max(0, session.last_seq - after))
     keepalive = asyncio.create_task(_keepalive(response))
+    streams = request.app[keys.STREAMS]
+    this = asyncio.current_task()
+    assert this is not None  # a handler always runs in a task
+    streams.add(this)
     try:
         async for item in follow(request.app[keys.STORE], request.app[keys.HUB], session.session_id, after):
             if isinstance(item, Entry):
@@ -42,7 +46,14 @@ async def events(request: web.Request) -> web.StreamResponse:
                 await response.write(b"data: " + orjson.dumps(item) + b"\n\n")
     except ConnectionError:
         pass  # the client went away; it resumes with Last-Event-ID
+    except asyncio.CancelledError:
+        if not request.app[keys.SHUTTING_DOWN].is_set():
+            raise
+        this.uncancel()  # our own shutdown: end the stream properly; the client resumes elsewhere
+        with suppress(ConnectionError):
+            await response.write_eof()
     finally:
+        streams.discard(this)
         keepalive.cancel()
         with suppress(asyncio.CancelledError):
             await keepalive

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 
 from service import keys, parse
 from service.auth import current_user
-from service.errors import BadRequest, NotFound, ServiceError, TooLarge
+from service.errors import BadRequest, Conflict, NotFound, ServiceError, TooLarge
 from service.models import Entry, Session
 from service.stream import follow
 
@@ -113,7 +113,7 @@ async def _open_session(request: web.Request) -> Session:
         return session
     try:
         return await store.create_session(owner, sid, "default", None)
-    except ServiceError as exc:
+    except Conflict as exc:
         # It exists but is someone else's: exactly like a missing session we may not create.
         raise NotFound(f"no session {sid}") from exc
 

@@ -92,3 +92,26 @@ async def test_sigterm_mid_run_releases_and_restart_finishes(tmp_path: Path) -> 
         assert len(_replies(page)) == 1
     finally:
         server.kill()
+
+
+async def test_sigterm_with_live_streams_exits_promptly(tmp_path: Path) -> None:
+    """Open WebSocket and SSE clients do not hold the shutdown for its timeout: both are ended, exit code 0."""
+    server = start_server(tmp_path, "--grace-s", "30")
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"{server.ws_url}?session_id=live")
+            await ws.receive_json()
+            events = await http.get(f"{server.url}/sessions/live/events")
+            assert events.status == 200
+            assert server.stop(timeout_s=10) == 0  # well inside grace_s + 5, the handlers' shutdown timeout
+            closing = await ws.receive()
+            assert closing.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            )
+            assert await events.content.read() == b""  # the stream ended cleanly (no event was pending)
+            await ws.close()
+            events.close()
+    finally:
+        server.kill()
