@@ -167,6 +167,11 @@ class Claim:
     run_id: str
     lease_token: str
     worker_id: str
+    # What the claiming transaction also did, so the run needs no further round trip to start: the run's
+    # ``run_started`` entry (to publish) and the team state saved by the session's last run. Not part of the
+    # claim's identity (compare=False; the dict would also make it unhashable).
+    started: Entry | None = field(default=None, compare=False)
+    team_state: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +195,9 @@ def interrupted(input_seq: int, attempt: int) -> NewEntry:
         attempt=attempt,
         retrying=True,
     )
+
+
+def started(input_seq: int, attempt: int) -> NewEntry:
+    """The ``run_started`` entry that ``claim`` appends in its own transaction."""
+    text = "Run started." if attempt == 1 else f"Run started (attempt {attempt})."
+    return lifecycle(RUN_STARTED, text, input_seq=input_seq, attempt=attempt)

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from service.errors import BadRequest, IncompatibleDatabase, StoreUnavailable
-from service.models import RUN_COMPLETED, RUN_STARTED, Claim, NewEntry, lifecycle
+from service.models import RUN_COMPLETED, Claim, NewEntry, lifecycle
 from service.queue.migrate import load_migrations
 from service.queue.postgres import PostgresStore
 from tests.conftest import FakeClock
@@ -114,7 +114,7 @@ async def test_listener_hears_commits_of_other_instances_only(pg_url: str, clock
         assert await asyncio.wait_for(heard["b"].get(), WAIT_S) == ("from-a", 1)
         claim = await a.claim("a1", LEASE_S)
         assert claim is not None
-        await a.append(claim, [lifecycle(RUN_STARTED, "started"), said("hi")])
+        await a.append(claim, [said("hi")])  # seq 3: the claim committed run_started as seq 2
         # Calls may be coalesced per session; the last one carries the newest seq.
         while (got := await asyncio.wait_for(heard["b"].get(), WAIT_S)) != ("from-a", 3):
             assert got[0] == "from-a" and got[1] < 3
@@ -186,7 +186,7 @@ async def test_instances_racing_never_run_two_inputs_of_one_session(pg_url: str,
             violations.append(f"{claim.session_id}: {claim.input_seq} while {running[claim.session_id]} runs")
         running[claim.session_id] = claim.input_seq
         order.setdefault(claim.session_id, []).append(claim.input_seq)
-        await store.append(claim, [lifecycle(RUN_STARTED, "started")])  # real I/O while the run is live
+        await store.append(claim, [said("working")])  # real I/O while the run is live
         del running[claim.session_id]
         await store.finish(claim, lifecycle(RUN_COMPLETED, "done"), None)
         done += 1
@@ -303,11 +303,14 @@ async def test_nul_characters_and_key_order_survive(pg_url: str, clock: FakeCloc
             claim, [NewEntry("ToolCallRequestEvent", "assistant", body, {"z": 1, "a": "\x00"})]
         )
         await store.finish(claim, lifecycle(RUN_COMPLETED, "done"), {"y": "\x00", "x": 1})
-        user, entry, _ = (await store.read_log("s1")).messages
+        user, _, entry, _ = (await store.read_log("s1")).messages
         assert user.content == "before\x00after"
         assert entry.content == body and list(entry.content) == ["zeta", "alpha", "mid"]
         assert list(entry.metadata) == ["z", "a"] and entry.metadata["a"] == "\x00"
         assert await store.load_team_state("s1") == {"y": "\x00", "x": 1}
+        await store.enqueue(OWNER, "s1", "again", None)
+        again = await store.claim("w1", LEASE_S)
+        assert again is not None and again.team_state == {"y": "\x00", "x": 1}
         # A NUL in a plain text column (a title) is the caller's error, not an outage.
         with pytest.raises(BadRequest):
             await store.create_session(OWNER, "s2", "default", "bad\x00title")

@@ -345,7 +345,7 @@ async def test_exclusive_store_locks_the_file_and_requeues_orphans_at_once(tmp_p
     await third.open()
     try:
         page = await third.read_log("s1")
-        assert [e.type for e in page.messages] == ["TextMessage", "run_interrupted"]
+        assert [e.type for e in page.messages] == ["TextMessage", "run_started", "run_interrupted"]
         again = await third.claim("new-worker", lease_s=30)
         assert again is not None and again.attempt == 2 and again.input_seq == 1
     finally:

@@ -56,7 +56,9 @@ async def claimer(store: Store, book: Book, name: str, total: int) -> None:
         book.running[claim.session_id] = claim.input_seq
         book.claimed.append(claim.input_id)
         book.order[claim.session_id].append(claim.input_seq)
-        await store.append(claim, [lifecycle(RUN_STARTED, "started", input_seq=claim.input_seq)])
+        # The claim itself committed the run's run_started (the log check below finds it in its place).
+        assert claim.started is not None and claim.started.run_id == claim.run_id
+        assert claim.started.metadata["input_seq"] == claim.input_seq
         await asyncio.sleep(0)  # give others the chance to misbehave while this run is live
         await store.append(claim, [NewEntry("TextMessage", "assistant", f"echo {claim.content}")])
         book.running.pop(claim.session_id, None)

@@ -57,10 +57,6 @@ async def claim_one(store: Store, lease_s: float = LEASE_S, worker_id: str = "w1
     return claim
 
 
-def started(claim: Claim) -> NewEntry:
-    return lifecycle(RUN_STARTED, "run started", input_seq=claim.input_seq, attempt=claim.attempt)
-
-
 def said(text: str) -> NewEntry:
     return NewEntry(type="TextMessage", source="assistant", content=text)
 
@@ -164,7 +160,7 @@ async def test_delete_session_removes_everything_and_fences_its_run(store: Store
     await store.enqueue(ALICE, "s1", "two", "m2")
     await store.enqueue(ALICE, "s1", "three", "m3")
     running = await claim_one(store)
-    await store.append(running, [started(running)])
+    await store.append(running, [said("working")])
     await store.set_cursor("s1", "phone", 3)
     await store.enqueue(ALICE, "other", "keep me", None)
 
@@ -265,11 +261,11 @@ async def test_read_log_returns_copies(store: Store) -> None:
     calls = [{"id": "c1", "name": "calculator", "arguments": '{"expr": "1+1"}'}]
     [written] = await store.append(claim, [NewEntry("ToolCallRequestEvent", "assistant", calls, {"k": [1]})])
     assert written.content == calls and written.metadata == {"k": [1]}
-    first = (await store.read_log("s1")).messages[1]
+    first = (await store.read_log("s1")).messages[written.seq - 1]
     first.content[0]["name"] = "mutated"
     first.metadata["k"].append(2)
     written.metadata["k"].append(3)
-    again = (await store.read_log("s1")).messages[1]
+    again = (await store.read_log("s1")).messages[written.seq - 1]
     assert again.content == calls
     assert again.metadata == {"k": [1]}
 
@@ -324,7 +320,8 @@ async def test_user_entry_fields(store: Store, clock: FakeClock) -> None:
 async def test_enqueue_seqs_stay_contiguous_with_agent_entries(store: Store) -> None:
     assert (await store.enqueue(ALICE, "s1", "one", None)).seq == 1
     claim = await claim_one(store)
-    assert [e.seq for e in await store.append(claim, [started(claim), said("hi")])] == [2, 3]
+    assert claim.started is not None and claim.started.seq == 2  # the claim appends run_started
+    assert [e.seq for e in await store.append(claim, [said("hi")])] == [3]
     assert (await store.enqueue(ALICE, "s1", "two", None)).seq == 4
     assert [e.seq for e in await store.append(claim, [said("more")])] == [5]
     assert (await store.finish(claim, completed(), None)).seq == 6
@@ -350,7 +347,7 @@ async def test_duplicate_client_msg_id_writes_nothing(store: Store) -> None:
     assert not (await store.enqueue(ALICE, "s2", "hello", "dup")).duplicate
     assert not (await store.enqueue(ALICE, "s1", "x", None)).duplicate
     assert not (await store.enqueue(ALICE, "s1", "x", None)).duplicate
-    assert await seqs(store, "s1") == [1, 2, 3, 4]
+    assert await seqs(store, "s1") == [1, 2, 3, 4, 5]  # hello, run_started, run_completed, x, x
 
 
 async def test_queue_full(store: Store) -> None:
@@ -366,10 +363,10 @@ async def test_queue_full(store: Store) -> None:
     # A running input no longer counts as queued.
     claim = await claim_one(store)
     assert claim.session_id == "s1"
-    assert (await store.enqueue(ALICE, "s1", "three", "c", max_queued=2)).seq == 3
+    assert (await store.enqueue(ALICE, "s1", "three", "c", max_queued=2)).seq == 4  # 3 is run_started
     with pytest.raises(QueueFull):
         await store.enqueue(ALICE, "s1", "four", "d", max_queued=2)
-    assert (await store.enqueue(ALICE, "s1", "unlimited", "e")).seq == 4
+    assert (await store.enqueue(ALICE, "s1", "unlimited", "e")).seq == 5
 
 
 async def test_enqueue_into_another_owners_session_is_not_found(store: Store) -> None:
@@ -451,14 +448,19 @@ async def test_counts(store: Store) -> None:
 async def test_run_appends_and_finishes_with_team_state(store: Store, clock: FakeClock) -> None:
     await store.enqueue(ALICE, "s1", "hello", None)
     claim = await claim_one(store)
+    assert claim.team_state is None  # no run saved any state yet
+    assert claim.started is not None
+    [start] = (await store.read_log("s1", after=1)).messages
+    assert claim.started == start
+    assert (start.seq, start.type, start.source, start.run_id) == (2, RUN_STARTED, "system", claim.run_id)
+    assert (start.content, start.metadata) == ("Run started.", {"input_seq": 1, "attempt": 1})
+    assert (start.created_at, start.client_msg_id) == (clock.now, None)
     clock.advance(1)
-    entries = await store.append(claim, [started(claim), said("hi!")])
+    entries = await store.append(claim, [said("hi!")])
     assert [(e.seq, e.type, e.source, e.run_id) for e in entries] == [
-        (2, RUN_STARTED, "system", claim.run_id),
-        (3, "TextMessage", "assistant", claim.run_id),
+        (3, "TextMessage", "assistant", claim.run_id)
     ]
     assert all(e.created_at == clock.now and e.client_msg_id is None for e in entries)
-    assert entries[0].metadata == {"input_seq": 1, "attempt": 1}
     assert await store.append(claim, []) == []
     assert await store.heartbeat(claim, LEASE_S)
     assert await status(store, "s1") is SessionStatus.RUNNING
@@ -476,15 +478,26 @@ async def test_run_appends_and_finishes_with_team_state(store: Store, clock: Fak
     loaded["agents"]["assistant"]["messages"].clear()
     assert await store.load_team_state("s1") == state
 
-    # A finish without state keeps the last one; a finish with state replaces it.
+    # The next claim brings the saved state along (a copy: changing it changes nothing stored).
     await store.enqueue(ALICE, "s1", "again", None)
     claim = await claim_one(store)
+    assert claim.team_state == state
+    claim.team_state["agents"].clear()
+    assert await store.load_team_state("s1") == state
+    assert claim.started is not None and claim.started.seq == 6
+    assert claim.started.metadata == {"input_seq": 5, "attempt": 1}
+    # A finish without state keeps the last one; a finish with state replaces it.
     await store.finish(claim, completed(), None)
     assert await store.load_team_state("s1") == state
     await store.enqueue(ALICE, "s1", "third", None)
     claim = await claim_one(store)
+    assert claim.team_state == state
     await store.finish(claim, completed(), {"version": 2})
     assert await store.load_team_state("s1") == {"version": 2}
+    await store.enqueue(ALICE, "s1", "fourth", None)
+    claim = await claim_one(store)
+    assert claim.team_state == {"version": 2}
+    await store.finish(claim, completed(), None)
     # The finished run can no longer write.
     with pytest.raises(LeaseLost):
         await store.append(claim, [said("late")])
@@ -551,10 +564,14 @@ async def test_release_requeues_at_once(store: Store) -> None:
     await store.enqueue(ALICE, "s1", "long job", None)
     claim = await claim_one(store)
     entry = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
-    assert (entry.type, entry.run_id, entry.seq) == (RUN_INTERRUPTED, claim.run_id, 2)
+    assert (entry.type, entry.run_id, entry.seq) == (RUN_INTERRUPTED, claim.run_id, 3)
     assert await status(store, "s1") is SessionStatus.QUEUED
     again = await claim_one(store)
     assert (again.input_seq, again.attempt) == (1, 2)
+    assert again.started is not None
+    assert (again.started.seq, again.started.run_id) == (4, again.run_id)
+    assert again.started.content == "Run started (attempt 2)."
+    assert again.started.metadata == {"input_seq": 1, "attempt": 2}
     await _assert_fenced(store, claim)
 
 
@@ -581,7 +598,6 @@ async def test_recover_expired_leases(store: Store, clock: FakeClock) -> None:
     await store.enqueue(ALICE, "s2", "lives", None)
     dead = await claim_one(store, lease_s=10)
     alive = await claim_one(store, lease_s=30)
-    await store.append(dead, [started(dead)])
     clock.advance(5)
     assert await store.recover_expired() == []
     assert await store.heartbeat(dead, 10)  # now expires at t+15
@@ -714,7 +730,7 @@ async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
         await store.create_session(BOB, "s1", "default", None)
     # Nothing changed for the owner.
     assert not await store.cancel_requested(claim)
-    assert await seqs(store, "s1") == [1]
+    assert await seqs(store, "s1") == [1, 2]  # the message and its run_started
     assert await status(store, "s1") is SessionStatus.RUNNING
     assert [s.session_id for s in await store.list_sessions(ALICE)] == ["s1"]
 
@@ -723,7 +739,6 @@ async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
 async def test_entry_json_shapes(store: Store) -> None:
     await store.enqueue(ALICE, "s1", "hello", "c-1")
     claim = await claim_one(store)
-    await store.append(claim, [started(claim)])
     await store.retry(claim, failed(retrying=True), T0)
     user, start, fail = (await store.read_log("s1")).messages
     assert user.to_json() == {
@@ -754,7 +769,7 @@ async def test_reopen_finds_everything(
     await store.create_session(ALICE, "a", "default", "kept")
     await store.enqueue(ALICE, "a", "one", "c1")
     done = await claim_one(store)
-    await store.append(done, [started(done), said("hi")])
+    await store.append(done, [said("hi")])
     await store.finish(done, completed(), {"memory": ["one"]})
     await store.enqueue(BOB, "b", "bob's", None)
     running = await claim_one(store, lease_s=10)
@@ -779,4 +794,6 @@ async def test_reopen_finds_everything(
         first = await claim_one(again)
         second = await claim_one(again)
         assert {(c.session_id, c.input_seq, c.attempt) for c in (first, second)} == {("b", 1, 2), ("a", 5, 1)}
-        assert (await again.enqueue(ALICE, "a", "three", None)).seq == 6
+        states = {c.session_id: c.team_state for c in (first, second)}
+        assert states == {"a": {"memory": ["one"]}, "b": None}
+        assert (await again.enqueue(ALICE, "a", "three", None)).seq == 7  # 6: the claim's run_started

@@ -178,6 +178,23 @@ async def test_failure_is_retried_with_backoff_then_the_session_moves_on(world: 
     assert await world.status("s1") is SessionStatus.IDLE
 
 
+async def test_a_team_that_cannot_be_built_fails_at_once(world: World) -> None:
+    # The claim committed run_started before the team was built, so run_failed follows it (no retry: the
+    # configuration will not fix itself), and both went out on the hub in seq order.
+    pool = world.pool()
+    with world.hub.subscribe("s1") as sub:
+        await world.store.enqueue(OWNER, "s1", "hello", None, team="no-such-team")
+        await pool.run_until_idle()
+    log = await world.log("s1")
+    assert [e.type for e in log] == ["TextMessage", "run_started", "run_failed"]
+    assert log[1].run_id == log[2].run_id and log[2].metadata["retrying"] is False
+    assert "no-such-team" in log[2].metadata["error"]
+    published = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    assert [e.seq for e in published if isinstance(e, Entry)] == [2, 3]
+    assert (pool.stats.failed, pool.stats.retried) == (1, 0)
+    assert await world.status("s1") is SessionStatus.FAILED
+
+
 async def test_cancel_in_process_and_through_the_store(world: World) -> None:
     pool = world.pool(heartbeat_s=0.02)
     await pool.start()

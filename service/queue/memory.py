@@ -37,6 +37,7 @@ from service.models import (
     new_lease_token,
     new_run_id,
     new_session_id,
+    started,
     utcnow,
 )
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
@@ -264,7 +265,7 @@ class MemoryStore:
             item.run_id = new_run_id()
             item.cancel = False
             row = self._sessions[item.session_id]
-            row.updated_at = now
+            entry = self._append(row, started(item.seq, item.attempt), item.run_id, None)
             return Claim(
                 item.input_id,
                 item.session_id,
@@ -276,6 +277,8 @@ class MemoryStore:
                 item.run_id,
                 item.lease_token,
                 worker_id,
+                started=_copy_entry(entry),
+                team_state=None if row.state is None else _clone(row.state),
             )
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:

@@ -32,6 +32,7 @@ from service.models import (
     interrupted,
     new_lease_token,
     new_run_id,
+    started,
 )
 from service.queue import postgres_sql as q
 from service.queue.postgres_base import PostgresBase
@@ -104,7 +105,16 @@ class PostgresStore(PostgresBase):
             run_id, token = new_run_id(), new_lease_token()
             expires = now + timedelta(seconds=lease_s)
             row = await conn.fetchrow(q.TAKE_INPUT, input_id, token, expires, worker_id, run_id)
-            await conn.execute(q.SET_STATUS, session_id, SessionStatus.RUNNING.value, now)
+            # The run's first entry comes with the claim (and its saved state with TAKE_INPUT): the run starts
+            # without another round trip.
+            [entry] = await self._append(
+                conn,
+                session_id,
+                [started(row["input_seq"], row["attempt"])],
+                now=now,
+                run_id=run_id,
+                status=SessionStatus.RUNNING,
+            )
         return True, Claim(
             input_id=row["id"],
             session_id=row["session_id"],
@@ -116,6 +126,8 @@ class PostgresStore(PostgresBase):
             run_id=run_id,
             lease_token=token,
             worker_id=worker_id,
+            started=entry,
+            team_state=row["team_state"],
         )
 
     @asynccontextmanager

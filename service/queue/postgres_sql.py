@@ -81,7 +81,7 @@ TAKE_INPUT = """
 UPDATE inputs i SET status = 'running', lease_token = $2, lease_expires_at = $3, worker_id = $4, run_id = $5,
     cancel_requested = FALSE
 FROM sessions s WHERE i.id = $1 AND s.session_id = i.session_id
-RETURNING i.id, i.session_id, s.owner, s.team, i.input_seq, i.content, i.attempt"""
+RETURNING i.id, i.session_id, s.owner, s.team, i.input_seq, i.content, i.attempt, s.team_state"""
 # The lease fence: the input still runs under this token. FOR UPDATE: nothing changes it until we commit.
 FENCE = "SELECT id FROM inputs WHERE id = $1 AND lease_token = $2 AND status = 'running' FOR UPDATE"
 HEARTBEAT = """

@@ -23,16 +23,24 @@ from service.models import (
     interrupted,
     new_lease_token,
     new_run_id,
+    started,
 )
 from service.queue.sqlite_conn import stamp
-from service.queue.sqlite_ops import Db, append_entries, create_session, owned, set_status
+from service.queue.sqlite_ops import (
+    Db,
+    append_entries,
+    create_session,
+    load_team_state,
+    owned,
+    set_status,
+)
 
 INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at)
 VALUES (?, ?, ?, 'queued', 1, ?, ?)"""
 
 # Per-session FIFO and one running input per session, as a WHERE clause: the oldest queued input that is due,
 # whose session has nothing running and no older queued input (a retry waiting on backoff keeps its place).
-CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team
+CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team, s.last_seq
 FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
 WHERE i.status = 'queued' AND i.not_before <= :now
   AND NOT EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id AND r.status = 'running')
@@ -111,11 +119,17 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     row = db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:
         return None
-    input_id, session_id, input_seq, content, attempt, owner, team = row
+    input_id, session_id, input_seq, content, attempt, owner, team, last = row
     token, run_id = new_lease_token(), new_run_id()
     db.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
-    set_status(db, session_id, SessionStatus.RUNNING, now)
-    return Claim(input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id)
+    # The run's first entry and its saved state come with the claim: two round trips to the writer fewer.
+    (entry,) = append_entries(
+        db, now, session_id, [started(input_seq, attempt)], run_id, last=last, status=SessionStatus.RUNNING
+    )
+    return Claim(
+        input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id,
+        started=entry, team_state=load_team_state(db, session_id),
+    )  # fmt: skip
 
 
 def fence(db: Db, claim: Claim) -> int:

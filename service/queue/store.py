@@ -115,7 +115,12 @@ class Store(Protocol):
 
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
         """Take the oldest claimable input (see the rules above), mark it running under a fresh lease token and
-        run id, set the session ``running``. None when nothing is claimable."""
+        run id, set the session ``running``. None when nothing is claimable.
+
+        In the same transaction, append the run's ``run_started`` entry (``models.started``: source ``system``,
+        ``input_seq`` and ``attempt`` in its metadata, ``run_id`` = the new run id) and return it as
+        ``Claim.started``, with the state saved by the session's last ``finish`` as ``Claim.team_state`` (None
+        when there is none), so a run starts without further round trips. The caller publishes ``started``."""
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         """Append entries of this run (``run_id`` = claim.run_id) atomically. A ``UserInputRequestedEvent`` sets

@@ -1,9 +1,11 @@
 """One claim = one run: build a fresh team, load its state, stream the run into the log, finish, save state.
 
-Every durable entry is appended (committed) before it is published to the hub; streaming chunks go out live
-only. The run stops through its CancellationToken only (AUTOGEN.md 5: nothing else stops model spending), for
-one of three reasons: the user cancelled, the pool is shutting down (the input goes back to the queue), or the
-lease was lost (another worker owns the input now: write nothing more).
+The claim already committed the run's ``run_started`` entry and brought the saved state along, so the team
+starts without another round trip to the store. Every durable entry is appended (committed) before it is
+published to the hub; streaming chunks go out live only. The run stops through its CancellationToken only
+(AUTOGEN.md 5: nothing else stops model spending), for one of three reasons: the user cancelled, the pool is
+shutting down (the input goes back to the queue), or the lease was lost (another worker owns the input now:
+write nothing more).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from service.models import (
     RUN_CANCELLED,
     RUN_COMPLETED,
     RUN_FAILED,
-    RUN_STARTED,
     Claim,
     Entry,
     NewEntry,
@@ -157,6 +158,8 @@ class Run:
             self._on_change()
 
     async def _execute(self) -> Outcome:
+        if self.claim.started is not None:  # committed by the claim itself
+            self._publish([self.claim.started])
         try:
             team = self.deps.teams.build(self.claim.team)
         except Exception as exc:
@@ -174,7 +177,6 @@ class Run:
             raise
         except Exception as exc:
             return await self._failed(exc, final=False)
-        await self._append([lifecycle(RUN_STARTED, self._started_text(), **self._details())])
         try:
             result = await self._stream(team)
         except LeaseLost:
@@ -194,7 +196,7 @@ class Run:
         return Outcome.COMPLETED
 
     async def _prepare(self, team: Team) -> None:
-        state = await self.deps.store.load_team_state(self.claim.session_id)
+        state = self.claim.team_state  # read by the claim's own transaction
         if state is not None:
             await team.load_state(prepare_state(state))
         proxies = user_proxies(team)
@@ -324,9 +326,6 @@ class Run:
 
     def _details(self) -> dict[str, Any]:
         return {"input_seq": self.claim.input_seq, "attempt": self.claim.attempt}
-
-    def _started_text(self) -> str:
-        return "Run started." if self.claim.attempt == 1 else f"Run started (attempt {self.claim.attempt})."
 
 
 def drop_delivered_buffers(state: Mapping[str, Any]) -> dict[str, Any]:
