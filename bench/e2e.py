@@ -51,7 +51,7 @@ import orjson
 from _server import Server, served
 from aiohttp import web
 
-from service.models import RUN_COMPLETED, RUN_STARTED, NewEntry, lifecycle
+from service.models import RUN_COMPLETED, NewEntry, lifecycle
 from service.queue import open_store
 from service.worker.teams import DEFAULT_TEAM_FILE
 
@@ -249,8 +249,7 @@ async def build_replay_db(path: Path, entries: int) -> list[str]:
         if claim is None:
             raise RuntimeError("the replay input was not claimable")
         details = {"input_seq": claim.input_seq, "attempt": claim.attempt}
-        await store.append(claim, [lifecycle(RUN_STARTED, "Run started.", **details)])
-        body = entries - 3  # the user's message, run_started and run_completed
+        body = entries - 3  # the user's message, run_started (written by the claim) and run_completed
         for first in range(0, body, APPEND_BATCH):
             batch = [
                 NewEntry(

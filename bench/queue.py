@@ -3,7 +3,7 @@
 Usage: python bench/queue.py [--sessions 64] [--inputs 2048] [--workers 64] [--pg postgresql://...]
 
 Every input makes four durable log entries (the user's message, run_started, one agent message, run_completed)
-and five write calls (enqueue, claim, two appends, finish), as the worker's runner does. Producers (one per
+and four write calls (enqueue, claim with its run_started, one append, finish), as the worker's runner does. Producers (one per
 session) and workers run concurrently. The same run measures this machine's raw fsync rate, the ceiling of a
 store that commits once per message: the last line compares SQLite FULL (group commit) with it.
 
@@ -27,7 +27,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from service.models import RUN_COMPLETED, RUN_STARTED, NewEntry, lifecycle  # noqa: E402
+from service.models import RUN_COMPLETED, NewEntry, lifecycle  # noqa: E402
 from service.queue import Store, open_store  # noqa: E402
 
 
@@ -92,7 +92,6 @@ async def work(store: Store, name: str, total: int, finished: list[int], done: a
         if claim is None:
             await store.wait_for_work(0.05)
             continue
-        await store.append(claim, [lifecycle(RUN_STARTED, "started", input_seq=claim.input_seq, attempt=1)])
         await store.append(claim, [NewEntry("TextMessage", "assistant", f"echo: {claim.content}")])
         state = {"turns": claim.input_seq}
         await store.finish(claim, lifecycle(RUN_COMPLETED, "done", stop_reason="done"), state)
