@@ -34,7 +34,8 @@ class Connection:
 
     async def send(self, frame: dict[str, Any]) -> None:
         async with self._lock:
-            await self.ws.send_str(orjson.dumps(frame).decode())
+            # orjson's bytes are UTF-8 already: send them as a text frame without a decode/encode round trip.
+            await self.ws.send_frame(orjson.dumps(frame), WSMsgType.TEXT)
 
     async def error(self, exc: ServiceError, client_msg_id: Any = None) -> None:
         frame: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
