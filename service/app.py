@@ -51,7 +51,6 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     if start_workers:
         app.cleanup_ctx.append(_pool_ctx)
     app.on_shutdown.append(_close_sockets)
-    app.on_response_prepare.append(_no_stale_static)
     setup_routes(app)
     return app
 
@@ -85,9 +84,3 @@ async def _close_sockets(app: web.Application) -> None:
     streams = app[keys.STREAMS]
     for task in list(streams):
         task.cancel()  # an SSE client reconnects elsewhere with Last-Event-ID
-
-
-async def _no_stale_static(request: web.Request, response: web.StreamResponse) -> None:
-    # The page's ES modules must not be served stale from a cache after an upgrade.
-    if request.path.startswith("/static/"):
-        response.headers["Cache-Control"] = "no-cache"

@@ -36,9 +36,13 @@ def authenticate(config: Config, request: web.Request) -> str:
         raise Unauthorized("a token is required: Authorization: Bearer <token>, or ?token=<token>")
     assert config.jwt_secret is not None  # Config.validate guarantees it in jwt mode
     try:
-        claims = jwt.decode(token, config.jwt_secret, algorithms=["HS256"], options={"require": ["sub"]})
+        claims = jwt.decode(
+            token, config.jwt_secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}
+        )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthorized("the token has expired") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise Unauthorized(f"the token has no {exc.claim!r} claim") from exc
     except jwt.InvalidTokenError as exc:
         raise Unauthorized("the token is invalid") from exc
     sub = claims.get("sub")

@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServiceError as exc:
         log.error("cannot start: %s", exc.message)
         return 2
+    except OSError as exc:  # the address is taken, or not ours to bind
+        log.error("cannot listen on %s port %s: %s", config.host, config.port, exc.strerror or exc)
+        return 2
     return 0
 
 
@@ -62,6 +65,7 @@ async def serve(config: Config) -> None:
         await site.start()
         for address in runner.addresses:  # the real port when --port 0
             host, port = address[:2]
+            host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
             log.info(
                 "listening on http://%s:%s (database %s, auth %s)",
                 host,

@@ -144,6 +144,8 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535 (0: any free port), got {self.port}")
         for name in ("lease_s", "heartbeat_s", "poll_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

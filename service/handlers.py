@@ -47,10 +47,12 @@ async def get_session(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    sid = parse.session_id(request)
+    session = await owned_session(request)  # before anything else: another user's session is left untouched
+    sid = session.session_id
     request.app[keys.POOL].cancel(sid)
     if not await _store(request).delete_session(current_user(request), sid):
         raise NotFound(f"no session {sid}")
+    request.app[keys.HUB].close_session(sid)  # open streams of it end (their cursors mean nothing now)
     return web.Response(status=204)
 
 

@@ -24,6 +24,7 @@ class Subscription:
         self.session_id = session_id
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.lagged = False
+        self.closed = False  # the session was deleted: the reader stops
         self.signal = asyncio.Event()  # set on every delivery or lag, so a reader can wait on it
 
     def offer(self, item: Item) -> None:
@@ -65,6 +66,12 @@ class Hub:
         """Another process committed up to ``last_seq``: readers must re-read the store (they see it as a lag)."""
         for sub in list(self._subs.get(session_id, ())):
             sub.lagged = True
+            sub.signal.set()
+
+    def close_session(self, session_id: str) -> None:
+        """The session was deleted: its readers end."""
+        for sub in list(self._subs.get(session_id, ())):
+            sub.closed = True
             sub.signal.set()
 
     @contextmanager

@@ -44,7 +44,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
         message = exc.reason if exc.status != 413 else "the request body is too large"
-        return json_error(exc.status, code, message)
+        response = json_error(exc.status, code, message)
+        if "Allow" in exc.headers:  # 405: which methods would work
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         # The trace goes to our log only, never to the client.
         log.exception("%s %s failed", request.method, request.path)

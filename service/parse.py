@@ -11,14 +11,14 @@ from aiohttp import web
 from service.config import Config
 from service.errors import BadRequest, TooLarge
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: "$" would also accept a trailing newline
 MAX_CLIENT_MSG_ID = 128
 MAX_TITLE = 200
 MAX_INT = 2**63 - 1  # what every backend's integer columns hold
 
 
 def ident(value: str | None, what: str) -> str:
-    if value is None or not _ID.match(value):
+    if value is None or not _ID.fullmatch(value):
         raise BadRequest(f"{what} must be 1-64 characters of A-Z, a-z, 0-9, _ or -")
     return value
 
@@ -28,39 +28,46 @@ def session_id(request: web.Request) -> str:
 
 
 def non_negative_int(raw: str | None, what: str, default: int | None = None) -> int | None:
+    """Plain ASCII digits only (int() would also take "+5", " 1", "1_000" and other scripts' digits)."""
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BadRequest(f"{what} must be a non-negative integer, got {raw[:40]!r}") from exc
-    if not 0 <= value <= MAX_INT:
+    if not (raw.isascii() and raw.isdigit()):
+        raise BadRequest(f"{what} must be a non-negative integer, got {raw[:40]!r}")
+    value = int(raw)
+    if value > MAX_INT:
         raise BadRequest(f"{what} must be an integer from 0 to {MAX_INT}")
     return value
 
 
 def limit(raw: str | None, config: Config) -> int:
+    """1..max_page: larger is clamped (as is 0, to one entry); negative or non-numeric is BadRequest."""
+    if raw is not None and raw.isascii() and raw.isdigit() and len(raw) > 18:
+        return config.max_page  # beyond any page size: clamp without parsing a huge number
     value = non_negative_int(raw, "limit", 100)
     assert value is not None
-    if value == 0:
-        raise BadRequest("limit must be at least 1")
-    return min(value, config.max_page)
+    return max(1, min(value, config.max_page))
 
 
-def json_object(raw: bytes | str) -> dict[str, Any]:
+def json_object(raw: bytes | str, what: str = "the body") -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest("the body is not valid JSON") from exc
+        raise BadRequest(f"{what} is not valid JSON") from exc
     if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
+        raise BadRequest(f"{what} must be a JSON object")
     return data
 
 
 async def body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
-    return json_object(await request.read())
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except web.RequestPayloadError as exc:  # a broken chunked or compressed body: the client's fault
+        raise BadRequest("the body could not be read: a broken chunked or compressed encoding") from exc
+    return json_object(raw)
 
 
 def optional_str(data: dict[str, Any], key: str, max_len: int) -> str | None:

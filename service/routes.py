@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from aiohttp import web
 
 from service import handlers, health, openapi, sse, ws
+from service.errors import NotFound
 
 STATIC = Path(__file__).parent / "static"
 
 
+_STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(?:html|js|css|svg|png|ico)")
+# no-cache: after an upgrade the page's ES modules must not come stale from a browser cache.
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return web.FileResponse(STATIC / "index.html", headers=_NO_CACHE)
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """The page's files (a flat folder); anything else is the canonical 404."""
+    name = request.match_info["name"]
+    path = STATIC / name
+    if not _STATIC_NAME.fullmatch(name) or not path.is_file():
+        raise NotFound(f"no file {name[:80]}")
+    return web.FileResponse(path, headers=_NO_CACHE)
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC, append_version=False)
+    app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics_handler)

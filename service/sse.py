@@ -26,6 +26,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     if after is None:
         after = parse.non_negative_int(request.query.get("after"), "after", 0)
     assert after is not None
+    after = min(after, session.last_seq)  # as on the WebSocket: a cursor beyond the log resumes at its end
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )

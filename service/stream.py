@@ -18,10 +18,16 @@ from service.queue.store import Store
 REPLAY_PAGE = 500
 
 
+class SessionGone(Exception):
+    """The session's log is shorter than a cursor already sent: it was deleted (and maybe created again)."""
+
+
 async def replay(store: Store, session_id: str, after: int) -> AsyncIterator[Entry]:
     """Every durable entry with seq > after, page by page."""
     while True:
         page = await store.read_log(session_id, after=after, limit=REPLAY_PAGE)
+        if page.last_seq < after:
+            raise SessionGone(session_id)
         for entry in page.messages:
             yield entry
             after = entry.seq
@@ -30,9 +36,9 @@ async def replay(store: Store, session_id: str, after: int) -> AsyncIterator[Ent
 
 
 async def _next_live(sub: Subscription) -> Item | None:
-    """The next buffered item, or None when the subscription lagged."""
+    """The next buffered item, or None when the subscription lagged or was closed."""
     while True:
-        if sub.lagged:
+        if sub.lagged or sub.closed:
             return None
         try:
             return sub.queue.get_nowait()
@@ -42,16 +48,22 @@ async def _next_live(sub: Subscription) -> Item | None:
 
 
 async def follow(store: Store, hub: Hub, session_id: str, after: int) -> AsyncIterator[Item]:
-    """Durable entries with seq > after in order (then live), interleaved with live ephemeral frames."""
+    """Durable entries with seq > after in order (then live), interleaved with live ephemeral frames.
+
+    Ends when the session is deleted (here, or seen as a log shorter than the cursor after another process
+    deleted it): a cursor into a deleted log means nothing, even if a session of that id is created again."""
     last = after
     with hub.subscribe(session_id) as sub:
-        while True:
+        while not sub.closed:
             # Reset before reading: whatever is published from now on is buffered, and whatever was published
             # before was committed first, so the store read below sees it.
             sub.reset()
-            async for entry in replay(store, session_id, last):
-                yield entry
-                last = entry.seq
+            try:
+                async for entry in replay(store, session_id, last):
+                    yield entry
+                    last = entry.seq
+            except SessionGone:
+                return
             while (item := await _next_live(sub)) is not None:
                 if not isinstance(item, Entry):
                     yield item

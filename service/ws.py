@@ -17,6 +17,7 @@ from service.models import Entry, Session
 from service.stream import follow
 
 log = logging.getLogger("service.ws")
+SESSION_DELETED = 4404  # close code: the session was deleted (do not reconnect to it)
 
 
 class Connection:
@@ -50,6 +51,8 @@ class Connection:
                 self.app[keys.STORE], self.app[keys.HUB], self.session.session_id, after
             ):
                 await self.send(item.to_json() if isinstance(item, Entry) else item)
+            # follow() ends only when the session was deleted.
+            await self.ws.close(code=SESSION_DELETED, message=b"session deleted")
         except ServiceError as exc:
             log.warning("closing a websocket of %s: %s", self.session.session_id, exc.message)
             await self.ws.close(code=1011, message=exc.code.encode())
@@ -61,7 +64,7 @@ class Connection:
             raise TooLarge(f"frame larger than {config.max_frame_bytes} bytes")
         if isinstance(raw, bytes):
             raise BadRequest("binary frames are not supported; send JSON text frames")
-        frame = parse.json_object(raw)
+        frame = parse.json_object(raw, "the frame")
         kind = frame.get("type")
         if kind == "TextMessage":
             try:
@@ -75,6 +78,8 @@ class Connection:
             self.app[keys.POOL].cancel(self.session.session_id)
         elif kind == "ping":
             await self.send({"type": "pong"})
+        elif kind is None:
+            raise BadRequest("the frame has no type: use TextMessage, ack, cancel or ping")
         else:
             raise BadRequest(f"unknown frame type {str(kind)[:40]!r}: use TextMessage, ack, cancel or ping")
 
@@ -125,14 +130,15 @@ async def chat_queue(request: web.Request) -> web.StreamResponse:
     client_id = parse.ident(client_raw, "client_id") if client_raw else None
     after = parse.non_negative_int(request.query.get("after"), "after")
     # Everything that can be refused is refused before the upgrade, as a plain HTTP error.
+    # aiohttp closes the socket on frames over max_msg_size; keep a hard cap well above our limit so an oversized
+    # frame gets an error frame instead, while a giant one cannot exhaust memory.
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_frame_bytes * 4)
+    if not ws.can_prepare(request).ok:  # a plain GET creates nothing
+        raise BadRequest("this endpoint speaks WebSocket: send an Upgrade request")
     session = await _open_session(request)
     if after is None and client_id is not None:
         after = await request.app[keys.STORE].get_cursor(session.session_id, client_id)
     after = min(after or 0, session.last_seq) if after is not None else 0
-
-    # aiohttp closes the socket on frames over max_msg_size; keep a hard cap well above our limit so an oversized
-    # frame gets an error frame instead, while a giant one cannot exhaust memory.
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_frame_bytes * 4)
     await ws.prepare(request)
     request.app[keys.SOCKETS].add(ws)
     metrics = request.app[keys.METRICS]

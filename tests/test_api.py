@@ -86,9 +86,22 @@ async def test_paging_after_and_before(client: Client) -> None:
     assert [e["seq"] for e in tail["messages"]] == [4, 5] and tail["has_more"] is True
     head = await (await client.get("/sessions/p/messages?before=3&limit=10")).json()
     assert [e["seq"] for e in head["messages"]] == [1, 2] and head["has_more"] is False
-    clamped = await client.get("/sessions/p/messages?limit=100000")
-    assert clamped.status == 200
-    for bad in ("limit=-1", "limit=abc", "after=-3", "before=x", "limit=0"):
+    for huge in ("100000", "99999999999999999999999"):
+        clamped = await (await client.get(f"/sessions/p/messages?limit={huge}")).json()
+        assert len(clamped["messages"]) == 5  # clamped to max_page, not refused
+    zero = await (await client.get("/sessions/p/messages?limit=0")).json()
+    assert len(zero["messages"]) == 1  # at least one entry
+    for bad in (
+        "limit=-1",
+        "limit=abc",
+        "after=-3",
+        "before=x",
+        "limit=%2B5",
+        "limit=%201",
+        "limit=1_0",
+        "after=%D9%A1%D9%A2",
+        "after=99999999999999999999999",
+    ):
         response = await client.get(f"/sessions/p/messages?{bad}")
         assert response.status == 400, bad
 
@@ -129,6 +142,11 @@ async def test_every_error_has_the_canonical_shape(client: Client) -> None:
         ("POST", "/sessions", {"session_id": 5}, 400, "bad_request"),
         ("POST", "/sessions", {"team": "nope"}, 400, "bad_request"),
         ("POST", "/sessions", {"title": 3}, 400, "bad_request"),
+        ("POST", "/sessions", {"session_id": "nl\n"}, 400, "bad_request"),
+        ("POST", "/sessions/nl%0A/messages", {"content": "x"}, 400, "bad_request"),
+        ("GET", "/ws/chat/queue?session_id=plain", None, 400, "bad_request"),
+        ("GET", "/static/nope.js", None, 404, "not_found"),
+        ("GET", "/static/..%2Fapp.py", None, 404, "not_found"),
         ("GET", "/sessions/missing", None, 404, "not_found"),
         ("GET", "/sessions/bad%20id", None, 400, "bad_request"),
         ("DELETE", "/sessions/missing", None, 404, "not_found"),
@@ -149,6 +167,7 @@ async def test_every_error_has_the_canonical_shape(client: Client) -> None:
         ("PUT", "/sessions/have/cursors/c1", {"seq": -1}, 400, "bad_request"),
         ("PUT", "/sessions/have/cursors/c1", {"seq": "1"}, 400, "bad_request"),
         ("PUT", "/sessions/have/cursors/bad%20client", {"seq": 1}, 400, "bad_request"),
+        ("PUT", "/sessions/have/cursors/tab%0A", {"seq": 1}, 400, "bad_request"),
         ("GET", "/sessions/have/messages?after=1&before=2", None, 400, "bad_request"),
         ("GET", "/sessions/have/events?after=-1", None, 400, "bad_request"),
     ]
@@ -163,8 +182,21 @@ async def test_every_error_has_the_canonical_shape(client: Client) -> None:
         body = await response.json()
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
         assert body["error"]["code"] == code and body["error"]["message"], (method, path, body)
-    # The server still works after all of that.
+    # The server still works after all of that, and the refused requests created nothing.
     assert (await client.get("/sessions/have")).status == 200
+    assert (await client.get("/sessions/plain")).status == 404
+    listed = await (await client.get("/sessions")).json()
+    assert [s["session_id"] for s in listed["sessions"]] == ["have"]
+    not_allowed = await client.patch("/sessions")
+    assert "GET" in not_allowed.headers["Allow"] and "POST" in not_allowed.headers["Allow"]
+    broken = await client.post(
+        "/sessions/x/messages",
+        data=b'{"content": "x"}',
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip", "Connection": "close"},
+    )
+    assert broken.status == 400 and (await broken.json())["error"]["code"] == "bad_request"
+    page_file = await client.get("/static/app.js")
+    assert page_file.status == 200 and page_file.headers["Cache-Control"] == "no-cache"
 
 
 async def test_health_ready_metrics_openapi_and_page(client: Client) -> None:

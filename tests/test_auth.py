@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
-from tests.web import make_config
+from tests.web import make_config, receive_until
 
 Client = TestClient[Any, web.Application]
 SECRET = "test-secret-0123456789abcdef0123456789"
@@ -42,6 +42,7 @@ async def test_tokens_are_required_and_checked(client: Client) -> None:
         "expired": {"Authorization": f"Bearer {token('alice', exp_in_s=-60)}"},
         "garbage": {"Authorization": "Bearer not.a.token"},
         "no sub": {"Authorization": "Bearer " + jwt.encode({"exp": int(time.time()) + 60}, SECRET, "HS256")},
+        "no exp": {"Authorization": "Bearer " + jwt.encode({"sub": "alice"}, SECRET, "HS256")},
     }
     for name, headers in bad_tokens.items():
         for method, path in (
@@ -85,4 +86,19 @@ async def test_another_owners_session_is_404_everywhere(client: Client) -> None:
     assert [e["content"] for e in page["messages"]] == ["secret"]  # bob changed nothing
     ws = await client.ws_connect(f"/ws/chat/queue?session_id=a1&token={token('alice')}")
     assert (await ws.receive_json())["type"] == "session"
+    await ws.close()
+
+
+async def test_deleting_another_users_session_leaves_its_run_alone(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    config = make_config("memory://", auth="jwt", jwt_secret=SECRET)
+    client = await aiohttp_client(create_app(config))
+    ws = await client.ws_connect(f"/ws/chat/queue?session_id=mine&token={token('alice')}")
+    await ws.receive_json()
+    await ws.send_json({"type": "TextMessage", "content": "[[sleep:0.5]] keep going"})
+    await receive_until(ws, lambda f: f.get("type") == "run_started")
+    assert (await client.delete("/sessions/mine", headers=bearer("bob"))).status == 404
+    ended = await receive_until(ws, lambda f: f.get("type") in ("run_completed", "run_cancelled"))
+    assert ended[-1]["type"] == "run_completed"  # bob's request changed nothing
     await ws.close()

@@ -290,3 +290,18 @@ def test_jwt_mode_asks_for_a_token(tmp_path: Path, chat: ChatPage) -> None:
         assert chat.page.evaluate("sessionStorage.getItem('chat.token')") == token
     finally:
         server.kill()
+
+
+def test_chat_deleted_elsewhere_is_left_not_recreated(server: ServerProcess, chat: ChatPage) -> None:
+    session_id = chat.open_new_chat(server.url)
+    chat.send("remember me")
+    chat.wait_once(chat.reply("remember me"))
+    http(server, "DELETE", f"/sessions/{session_id}")  # from another tab, device or script
+    expect(chat.by_id("error")).to_have_text("This chat was deleted.")
+    expect(chat.page.locator(f'[data-testid="session-item"][data-session-id="{session_id}"]')).to_have_count(
+        0
+    )
+    listed = http(server, "GET", "/sessions")  # the page did not reconnect into a new, empty chat of that id
+    assert session_id not in [s["session_id"] for s in listed["sessions"]]
+    expect(chat.durable()).to_have_count(0)  # its messages left the screen too
+    chat.screenshot("deleted_elsewhere")

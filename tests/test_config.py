@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,26 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+def test_bad_port_and_busy_port_are_clear_refusals() -> None:
+    out_of_range = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", "99999", "--database", "memory://"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out_of_range.returncode == 2 and "port must be 0-65535" in out_of_range.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--port", str(port), "--database", "memory://"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1 port {port}" in taken.stderr
+    assert "Traceback" not in taken.stderr

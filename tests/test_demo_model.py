@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 
 import orjson
@@ -27,7 +28,7 @@ from service.worker.demo_model import (
     DemoModelError,
     sleep_seconds,
 )
-from service.worker.tools import calculate, calculator
+from service.worker.tools import CalculatorError, calculate, calculator
 
 CALC = FunctionTool(calculator, description="calc", name="calculator")
 
@@ -169,5 +170,5 @@ def test_calculator(expression: str, result: str) -> None:
     ],
 )
 def test_calculator_errors(expression: str, error: str) -> None:
-    answer = calculate(expression)
-    assert answer.startswith("error: ") and error in answer
+    with pytest.raises(CalculatorError, match=re.escape(error)):
+        calculate(expression)

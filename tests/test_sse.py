@@ -62,3 +62,15 @@ async def test_last_event_id_wins_over_after(client: Client) -> None:
     more = await read_events(resumed, until="run_completed")
     assert min(d["seq"] for _, d in more if d["seq"] is not None) == last + 1
     resumed.close()
+
+
+async def test_a_cursor_beyond_the_log_resumes_at_its_end(client: Client) -> None:
+    await client.post("/sessions/e3/messages", json={"content": "one"})
+    first = await client.get("/sessions/e3/events?after=0")
+    await read_events(first, until="run_completed")
+    first.close()
+    beyond = await client.get("/sessions/e3/events", headers={"Last-Event-ID": "100000"})
+    await client.post("/sessions/e3/messages", json={"content": "two"})
+    more = await read_events(beyond, until="run_completed")  # as on the WebSocket: not silence forever
+    assert any(d.get("content") == "two" for _, d in more)
+    beyond.close()

@@ -155,6 +155,15 @@ async def test_tool_call(world: World) -> None:
     assert log[4].content.endswith("[context: 1]")
 
 
+async def test_a_refused_calculation_is_a_failed_tool_call(world: World) -> None:
+    await world.send("s1", "[[tool:calculator:1/0]] please")
+    await world.pool().run_until_idle()
+    log = await world.log("s1")
+    [result] = [e for e in log if e.type == "ToolCallExecutionEvent"]
+    assert result.content[0]["is_error"] is True and "division by zero" in result.content[0]["content"]
+    assert log[-1].type == "run_completed"  # the model read the error and answered
+
+
 async def test_failure_is_retried_with_backoff_then_the_session_moves_on(world: World) -> None:
     pool = world.pool()
     await world.send("s1", "[[fail]] broken")

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
@@ -153,4 +153,34 @@ async def test_no_session_id_creates_one_and_cancel_works(client: Client) -> Non
     assert frames[-1]["type"] == "run_cancelled"
     session = await (await client.get(f"/sessions/{sid}")).json()
     assert session["status"] == "idle"
+    await ws.close()
+
+
+async def test_deleting_a_session_ends_its_streams(client: Client) -> None:
+    ws = await client.ws_connect("/ws/chat/queue?session_id=gone")
+    await ws.receive_json()
+    await ws.send_json({"type": "TextMessage", "content": "hello"})
+    await receive_until(ws, completed)
+    events = await client.get("/sessions/gone/events")
+    assert (await client.delete("/sessions/gone")).status == 204
+    closing = await ws.receive()
+    assert closing.type == WSMsgType.CLOSE and closing.data == 4404  # deleted: do not reconnect to it
+    assert await events.content.read() != b"" and events.content.at_eof()  # replayed, then ended
+    # A new session of the same id starts at seq 1 for new readers; the old cursors meant nothing.
+    again = await client.ws_connect("/ws/chat/queue?session_id=gone")
+    assert (await again.receive_json())["last_seq"] == 0
+    await again.close()
+    events.close()
+
+
+async def test_chunk_frames_have_the_entry_shape(client: Client) -> None:
+    ws = await client.ws_connect("/ws/chat/queue?session_id=shape")
+    await ws.receive_json()
+    await ws.send_json({"type": "TextMessage", "content": "shape"})
+    frames = await receive_until(ws, completed)
+    entry_keys = set(durable(frames)[0])
+    chunk = next(f for f in frames if f.get("seq") is None and "created_at" in f)
+    assert set(chunk) == entry_keys | {"full_message_id"}
+    assert chunk["run_id"] == durable(frames)[-1]["run_id"] and chunk["created_at"].endswith("Z")
+    assert len(chunk["created_at"]) == len("2026-11-24T10:00:00.123Z")
     await ws.close()

@@ -174,7 +174,17 @@ async function openChat(sessionId) {
       if (chat === view) setRunStatus(status);
     },
     onConnection: (state, detail) => {
-      if (chat === view) setConnection(state, detail);
+      if (chat !== view) return;
+      if (state === "deleted") {
+        forget(view.sessionId);
+        chat = null;
+        view.close();
+        history.replaceState(null, "", location.pathname);
+        openDefault();
+        showError("This chat was deleted.");
+        return;
+      }
+      setConnection(state, detail);
     },
     onError: showError,
     onSocketFailure: socketFailed,
@@ -190,6 +200,7 @@ async function openChat(sessionId) {
   } catch (exc) {
     if (exc instanceof ApiError && exc.status === 404) {
       showError(`There is no chat ${sessionId}.`);
+      forget(sessionId); // or openDefault could pick it again
       chat = null;
       history.replaceState(null, "", location.pathname);
       await openDefault();
@@ -222,13 +233,23 @@ async function newChat() {
   }
 }
 
+// A chat that no longer exists leaves the list at once.
+function forget(sessionId) {
+  sessions = sessions.filter((s) => s.session_id !== sessionId);
+  renderSessions();
+}
+
 // The newest chat; with none, an empty page whose first message creates one (no empty chats piling up).
 async function openDefault() {
   if (sessions.length) {
     history.replaceState(null, "", `#${encodeURIComponent(sessions[0].session_id)}`);
     await openChat(sessions[0].session_id);
   } else {
+    ui.log.replaceChildren();
+    ui.live.replaceChildren();
+    ui.older.hidden = true;
     ui.empty.hidden = false;
+    ui.title.textContent = "Agent chat";
     setConnection("idle", {});
   }
 }

@@ -6,6 +6,8 @@ const FIRST_DELAY_MS = 500;
 const MAX_DELAY_MS = 10000;
 const PING_EVERY_MS = 20000;
 const PONG_WITHIN_MS = 10000;
+// The server closes with this code when the chat was deleted (service/ws.py SESSION_DELETED).
+const SESSION_DELETED = 4404;
 // After this many failed attempts in a row, say "offline" rather than "reconnecting".
 const OFFLINE_AFTER = 3;
 
@@ -109,12 +111,18 @@ export class ChatSocket {
       }
       this.onFrame(frame);
     };
-    ws.onclose = () => {
+    ws.onclose = (event) => {
       if (this.ws !== ws) return;
       this.ws = null;
       this.ready = false;
       clearInterval(this.pingTimer);
       if (this.stopped) return;
+      if (event.code === SESSION_DELETED) {
+        // Reconnecting would create a new, empty chat under the same id: stop here.
+        this.stopped = true;
+        this.onState("deleted", {});
+        return;
+      }
       this.failures += 1;
       this.scheduleRetry(!opened);
     };

@@ -6,7 +6,7 @@ from typing import Any
 
 from autogen_agentchat.messages import BaseAgentEvent, BaseChatMessage, ModelClientStreamingChunkEvent
 
-from service.models import NewEntry, ephemeral
+from service.models import NewEntry, ephemeral, iso
 
 # Stored in the entry's own columns (type, source, content) or not worth storing (AutoGen's creation time: the
 # entry has the commit time).
@@ -23,6 +23,21 @@ def to_entry(msg: BaseAgentEvent | BaseChatMessage) -> NewEntry:
     )
 
 
-def chunk_frame(session_id: str, chunk: ModelClientStreamingChunkEvent) -> dict[str, Any]:
-    """A live-only frame (seq null) for one streamed chunk; the final message follows in the log."""
-    return ephemeral(session_id, dict(chunk.dump()))
+def chunk_frame(session_id: str, run_id: str, chunk: ModelClientStreamingChunkEvent) -> dict[str, Any]:
+    """A live-only frame for one streamed chunk: the log entry's shape with ``seq`` null, plus
+    ``full_message_id`` (the ``metadata.id`` of the durable message that follows it in the log)."""
+    entry = to_entry(chunk)
+    metadata = {k: v for k, v in entry.metadata.items() if k != "full_message_id"}
+    return ephemeral(
+        session_id,
+        {
+            "type": entry.type,
+            "source": entry.source,
+            "content": entry.content,
+            "created_at": iso(chunk.created_at),
+            "run_id": run_id,
+            "client_msg_id": None,
+            "metadata": metadata,
+            "full_message_id": chunk.full_message_id,
+        },
+    )

@@ -231,7 +231,7 @@ class Run:
                 elif isinstance(item, ModelClientStreamingChunkEvent):
                     if self.deps.hub.has_subscribers(self.claim.session_id):  # nobody watching: skip the dump
                         self.deps.hub.publish_ephemeral(
-                            self.claim.session_id, chunk_frame(self.claim.session_id, item)
+                            self.claim.session_id, chunk_frame(self.claim.session_id, self.claim.run_id, item)
                         )
                 elif isinstance(item, BaseChatMessage) and item.source in self._proxy_names:
                     continue  # the human's answer: already in the log as the user's own message

@@ -85,11 +85,9 @@ def format_number(value: Number) -> str:
 
 
 def calculate(expression: str) -> str:
-    """The result as text, or an ``error: ...`` line (a tool answer the model can read)."""
-    try:
-        return format_number(evaluate(expression))
-    except CalculatorError as exc:
-        return f"error: {exc}"
+    """The result as text. A refused expression raises CalculatorError: AutoGen then reports the tool call as
+    failed (``is_error: true``), with the message for the model and the user."""
+    return format_number(evaluate(expression))
 
 
 def calculator(expression: str) -> str:
