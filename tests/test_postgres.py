@@ -134,6 +134,10 @@ async def test_listener_hears_commits_of_other_instances_only(pg_url: str, clock
         assert await asyncio.wait_for(heard["a"].get(), WAIT_S) == ("from-b", 1)
         assert heard["a"].empty()
 
+        # A deletes a session: B's readers of it are told (seq 0) so they re-read and end.
+        assert await a.delete_session(OWNER, "from-a-2")
+        assert await asyncio.wait_for(heard["b"].get(), WAIT_S) == ("from-a-2", 0)
+
 
 async def test_lost_listen_connection_reconnects_and_catches_up(pg_url: str, clock: FakeClock) -> None:
     heard: asyncio.Queue[tuple[str, int]] = asyncio.Queue()

@@ -145,7 +145,11 @@ class PostgresBase:
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
         async with self._tx() as conn:
-            return await conn.fetchval(q.DELETE_SESSION, session_id, owner) is not None
+            deleted = await conn.fetchval(q.DELETE_SESSION, session_id, owner) is not None
+            if deleted:
+                # Seq 0: every instance's readers re-read the log, find it shorter than their cursor, and end.
+                self._notify(conn, q.LOG_CHANNEL, session_id, 0)
+            return deleted
 
     async def read_log(
         self,
