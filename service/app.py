@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,8 @@ from service.queue.retry import RetryPolicy
 from service.routes import setup_routes
 from service.worker.pool import WorkerPool
 from service.worker.teams import TeamRegistry
+
+CLOSE_TIMEOUT_S = 5.0
 
 
 def create_app(config: Config, *, store: Store | None = None, start_workers: bool = True) -> web.Application:
@@ -79,8 +82,10 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_sockets(app: web.Application) -> None:
     app[keys.SHUTTING_DOWN].set()
     sockets = app[keys.SOCKETS]
-    for ws in list(sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    closing = [ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in list(sockets)]
+    # Together and bounded: a peer that never answers the close (a sleeping laptop) must not hold the shutdown.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_TIMEOUT_S)
     streams = app[keys.STREAMS]
     for task in list(streams):
         task.cancel()  # an SSE client reconnects elsewhere with Last-Event-ID

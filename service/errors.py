@@ -86,7 +86,3 @@ class IncompatibleDatabase(ServiceError):
 def error_body(code: str, message: str) -> dict[str, Any]:
     """The canonical error JSON: ``{"error": {"code": ..., "message": ...}}``."""
     return {"error": {"code": code, "message": message}}
-
-
-def error_of(exc: ServiceError) -> dict[str, Any]:
-    return error_body(exc.code, exc.message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service import keys, parse
+from service import actions, keys, parse
 from service.auth import current_user
 from service.errors import BadRequest, NotFound
 from service.models import Session
@@ -71,26 +71,14 @@ async def read_messages(request: web.Request) -> web.Response:
 
 async def post_message(request: web.Request) -> web.Response:
     sid = parse.session_id(request)
-    data = await parse.body(request)
-    config = request.app[keys.CONFIG]
-    queued = await _store(request).enqueue(
-        current_user(request),
-        sid,
-        parse.content(data, config),
-        parse.client_msg_id(data),
-        max_queued=config.max_queued_per_session,
-    )
-    if queued.entry is not None:
-        request.app[keys.HUB].publish(sid, [queued.entry])
-        request.app[keys.METRICS].inputs_enqueued.inc()
+    queued = await actions.submit(request.app, current_user(request), sid, await parse.body(request))
     return json_response(queued.to_json(), status=202)
 
 
 async def cancel(request: web.Request) -> web.Response:
     session = await owned_session(request)
-    requested = await _store(request).request_cancel(current_user(request), session.session_id)
-    local = request.app[keys.POOL].cancel(session.session_id)
-    return json_response({"cancelled": requested or local}, status=202)
+    cancelled = await actions.cancel(request.app, current_user(request), session.session_id)
+    return json_response({"cancelled": cancelled}, status=202)
 
 
 async def get_cursor(request: web.Request) -> web.Response:

@@ -89,6 +89,3 @@ class Hub:
 
     def has_subscribers(self, session_id: str) -> bool:
         return session_id in self._subs
-
-    def subscriber_count(self) -> int:
-        return sum(len(s) for s in self._subs.values())

@@ -28,7 +28,11 @@ class Metrics:
             registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
         )
-        self.entries_appended = Counter("service_entries_appended", "Log entries written by runs", registry=r)
+        self.entries_appended = Counter(
+            "service_entries_appended",
+            "Log entries committed and published by this process (user messages included)",
+            registry=r,
+        )
         self.ws_connections = Gauge("service_websocket_connections", "Open WebSocket connections", registry=r)
         self.replay_entries = Histogram(
             "service_replay_entries",

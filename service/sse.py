@@ -7,16 +7,19 @@ cursor). Ephemeral frames carry no ``id:`` so they never move the browser's resu
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import suppress
 
 import orjson
 from aiohttp import web
 
 from service import keys, parse
+from service.errors import ServiceError
 from service.handlers import owned_session
 from service.models import Entry
 from service.stream import follow
 
+log = logging.getLogger("service.sse")
 KEEPALIVE_S = 15.0
 
 
@@ -31,7 +34,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    request.app[keys.METRICS].replay_entries.observe(max(0, session.last_seq - after))
+    request.app[keys.METRICS].replay_entries.observe(session.last_seq - after)
     keepalive = asyncio.create_task(_keepalive(response))
     streams = request.app[keys.STREAMS]
     this = asyncio.current_task()
@@ -47,6 +50,12 @@ async def events(request: web.Request) -> web.StreamResponse:
                 await response.write(b"data: " + orjson.dumps(item) + b"\n\n")
     except ConnectionError:
         pass  # the client went away; it resumes with Last-Event-ID
+    except ServiceError as exc:
+        # The headers are sent: no error response can follow. End the stream; EventSource resumes from its
+        # Last-Event-ID once the store is back.
+        log.warning("ending an event stream of %s: %s", session.session_id, exc.message)
+        with suppress(ConnectionError):
+            await response.write_eof()
     except asyncio.CancelledError:
         if not request.app[keys.SHUTTING_DOWN].is_set():
             raise

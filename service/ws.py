@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from service import keys, parse
+from service import actions, keys, parse
 from service.auth import current_user
 from service.errors import BadRequest, Conflict, NotFound, ServiceError, TooLarge
 from service.models import Entry, Session
@@ -56,6 +56,12 @@ class Connection:
         except ServiceError as exc:
             log.warning("closing a websocket of %s: %s", self.session.session_id, exc.message)
             await self.ws.close(code=1011, message=exc.code.encode())
+        except ConnectionError:
+            pass  # the client went away
+        except Exception:
+            # Never leave a socket open that no longer streams: the client must see it end and resume.
+            log.exception("the stream of a websocket of %s failed", self.session.session_id)
+            await self.ws.close(code=1011, message=b"internal")
 
     async def handle(self, raw: str | bytes) -> None:
         config = self.app[keys.CONFIG]
@@ -74,8 +80,7 @@ class Connection:
         elif kind == "ack":
             await self.on_ack(frame)
         elif kind == "cancel":
-            await self.app[keys.STORE].request_cancel(self.owner, self.session.session_id)
-            self.app[keys.POOL].cancel(self.session.session_id)
+            await actions.cancel(self.app, self.owner, self.session.session_id)
         elif kind == "ping":
             await self.send({"type": "pong"})
         elif kind is None:
@@ -84,20 +89,9 @@ class Connection:
             raise BadRequest(f"unknown frame type {str(kind)[:40]!r}: use TextMessage, ack, cancel or ping")
 
     async def on_text(self, frame: dict[str, Any]) -> None:
-        config = self.app[keys.CONFIG]
-        source = frame.get("source", "user")
-        if source != "user":
+        if frame.get("source", "user") != "user":
             raise BadRequest("source must be 'user'")
-        queued = await self.app[keys.STORE].enqueue(
-            self.owner,
-            self.session.session_id,
-            parse.content(frame, config),
-            parse.client_msg_id(frame),
-            max_queued=config.max_queued_per_session,
-        )
-        if queued.entry is not None:
-            self.app[keys.HUB].publish(self.session.session_id, [queued.entry])
-            self.app[keys.METRICS].inputs_enqueued.inc()
+        queued = await actions.submit(self.app, self.owner, self.session.session_id, frame)
         await self.send({"type": "ack", "client_msg_id": queued.client_msg_id, "seq": queued.seq})
 
     async def on_ack(self, frame: dict[str, Any]) -> None:
@@ -138,7 +132,7 @@ async def chat_queue(request: web.Request) -> web.StreamResponse:
     session = await _open_session(request)
     if after is None and client_id is not None:
         after = await request.app[keys.STORE].get_cursor(session.session_id, client_id)
-    after = min(after or 0, session.last_seq) if after is not None else 0
+    after = min(after or 0, session.last_seq)
     await ws.prepare(request)
     request.app[keys.SOCKETS].add(ws)
     metrics = request.app[keys.METRICS]

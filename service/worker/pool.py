@@ -10,12 +10,12 @@ failed (``pool.failed``, for readiness) and stops it claiming; it is logged loud
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -53,7 +53,6 @@ class PoolStats:
     interrupted: int = 0
     lease_lost: int = 0
     crashed: int = 0  # the run raised (a store error): its lease expires and recovery re-queues it
-    durations_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
     def count(self, outcome: str) -> None:
         setattr(self, outcome, getattr(self, outcome) + 1)
@@ -121,15 +120,18 @@ class WorkerPool:
         log.info("worker pool %s started: %d workers", self.worker_id, self.workers)
 
     async def stop(self) -> None:
-        """Stop claiming, let runs finish for ``grace_s``, then interrupt the rest (back to the queue)."""
+        """Stop claiming, let working runs finish for ``grace_s``, then interrupt the rest (back to the queue).
+        A run waiting for a human would wait out the whole grace period: it is interrupted at once. Heartbeats
+        go on meanwhile, so no other instance recovers a run that is still finishing."""
         self._stopping = True
+        if self.grace_s > 0:
+            # TimeoutError: the grace period is over; any other error (a failed pool) also ends the wait.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._wait_until(self._only_waiting_runs_left), self.grace_s)
         for task in self._side_tasks:
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
         self._side_tasks.clear()
-        tasks = [task for _, task in self._runs.values()]
-        if tasks and self.grace_s > 0:
-            await asyncio.wait(tasks, timeout=self.grace_s)
         left = list(self._runs.values())
         for run, _ in left:
             run.stop(StopReason.INTERRUPT)
@@ -201,7 +203,6 @@ class WorkerPool:
             self._runs.pop(run.claim.run_id, None)
             duration_s = time.monotonic() - began
             self.stats.count(outcome)
-            self.stats.durations_s.append(duration_s)
             if self.metrics is not None:
                 self.metrics.run_ended(team, outcome, duration_s)
             self._notify()
@@ -210,6 +211,9 @@ class WorkerPool:
         """Runs holding a worker slot. A run waiting for a human holds none (it costs no CPU, only memory), so
         a few unanswered questions cannot starve every other session."""
         return sum(1 for run, _ in self._runs.values() if not run.waiting_for_input)
+
+    def _only_waiting_runs_left(self) -> bool:
+        return all(run.done or run.waiting_for_input for run, _ in self._runs.values())
 
     def _changed_since(self, changes: int) -> bool:
         return self._changes > changes

@@ -261,26 +261,33 @@ class Run:
         while request_id not in self._asked:
             self._asked_changed.clear()
             await self._asked_changed.wait()
+        # The answer's enqueue publishes the user's entry to the hub: a doorbell for this session only, so the
+        # answer is taken at once rather than at the next poll (other sessions' work does not ring it).
         try:
-            while True:
-                answer = await self.deps.store.take_answer(self.claim)
-                if answer is not None:
-                    return answer.content
-                await self._idle_until_woken()
+            with self.deps.hub.subscribe(self.claim.session_id) as doorbell:
+                while True:
+                    doorbell.signal.clear()
+                    answer = await self.deps.store.take_answer(self.claim)
+                    if answer is not None:
+                        return answer.content
+                    await self._idle_until_woken(doorbell.signal)
         except LeaseLost:
             self.stop(StopReason.LEASE_LOST)
             raise
         finally:
             self.waiting_for_input = False
 
-    async def _idle_until_woken(self) -> None:
+    async def _idle_until_woken(self, doorbell: asyncio.Event) -> None:
         self.waiting_for_input = True
         self.input_generation += 1
         self._poke.clear()
         self._on_change()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        if await _first(self.deps.store.wait_for_work(self.deps.poll_interval_s), self._poke.wait()):
+        woken = _first(
+            self.deps.store.wait_for_work(self.deps.poll_interval_s), doorbell.wait(), self._poke.wait()
+        )
+        if await woken:
             return
         rest = MIN_ANSWER_RECHECK_S - (loop.time() - started)
         if rest > 0:
@@ -365,7 +372,8 @@ async def _saved_state(team: Team) -> dict[str, Any] | None:
 
 
 async def _first(*aws: Any) -> bool:
-    """Wait for the first of ``aws`` to finish, cancel the others; True when it was the last one given."""
+    """Wait for the first of ``aws`` to finish, cancel the others; True when it was not the first one given
+    (the first is the plain poll; the others are direct wake-ups)."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -373,4 +381,4 @@ async def _first(*aws: Any) -> bool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return tasks[-1] in done
+    return tasks[0] not in done

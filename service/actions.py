@@ -1,0 +1,33 @@
+"""What a client can do, whichever way it speaks (HTTP or WebSocket): send a message, cancel a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from service import keys, parse
+from service.models import Enqueued
+
+
+async def submit(app: web.Application, owner: str, session_id: str, message: dict[str, Any]) -> Enqueued:
+    """Enqueue a user message (durable when this returns), then ring the doorbell for live readers."""
+    config = app[keys.CONFIG]
+    queued = await app[keys.STORE].enqueue(
+        owner,
+        session_id,
+        parse.content(message, config),
+        parse.client_msg_id(message),
+        max_queued=config.max_queued_per_session,
+    )
+    if queued.entry is not None:  # a repeated client_msg_id wrote nothing
+        app[keys.HUB].publish(session_id, [queued.entry])
+        app[keys.METRICS].inputs_enqueued.inc()
+    return queued
+
+
+async def cancel(app: web.Application, owner: str, session_id: str) -> bool:
+    """Stop the session's run: at once when it runs here, through the store when another process runs it."""
+    requested = await app[keys.STORE].request_cancel(owner, session_id)
+    local = app[keys.POOL].cancel(session_id)
+    return requested or local
