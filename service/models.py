@@ -172,6 +172,8 @@ class Claim:
     # claim's identity (compare=False; the dict would also make it unhashable).
     started: Entry | None = field(default=None, compare=False)
     team_state: dict[str, Any] | None = field(default=None, compare=False)
+    # Attempts of this input that failed (interrupted ones do not count): what the retry policy decides on.
+    failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)

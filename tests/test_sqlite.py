@@ -210,11 +210,29 @@ async def test_migrations_apply_once(db_path: str) -> None:
     assert await store.ping()
     await store.close()
     first = schema_snapshot(db_path)
-    assert [row[:2] for row in first if isinstance(row[0], int)] == [(1, "initial")]
+    assert [row[:2] for row in first if isinstance(row[0], int)] == [(1, "initial"), (2, "input_failures")]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes
     await store.close()
     assert schema_snapshot(db_path) == first
+
+
+async def test_an_older_database_is_upgraded_with_its_data(db_path: str) -> None:
+    store = SqliteStore(db_path)
+    await store.open()
+    await store.enqueue("local", "s1", "queued before the upgrade", "m1")
+    await store.close()
+    with sqlite3.connect(db_path) as raw:  # as the previous version left it: migration 1 only
+        raw.execute("ALTER TABLE inputs DROP COLUMN failures")
+        raw.execute("DELETE FROM schema_migrations WHERE version = 2")
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        claim = await store.claim("w", 30)
+        assert claim is not None and (claim.content, claim.failures) == ("queued before the upgrade", 0)
+        assert (await store.enqueue("local", "s1", "again", "m1")).duplicate  # idempotency kept
+    finally:
+        await store.close()
 
 
 async def test_unknown_migration_is_incompatible(db_path: str) -> None:
@@ -236,15 +254,15 @@ async def test_unknown_migration_is_incompatible(db_path: str) -> None:
 
 def test_a_failing_migration_leaves_nothing_behind(db_path: str) -> None:
     good = load_migrations("sqlite")
-    broken = Migration(2, "broken", "CREATE TABLE half_done (x INTEGER);\nTHIS IS NOT SQL;\n")
+    broken = Migration(99, "broken", "CREATE TABLE half_done (x INTEGER);\nTHIS IS NOT SQL;\n")
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
         with pytest.raises(sqlite3.OperationalError):
             migrate(conn, [*good, broken])
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations")]
-        assert "half_done" not in tables and "sessions" in tables  # 0001 committed alone, 0002 rolled back
-        assert versions == [1]
+        assert "half_done" not in tables and "sessions" in tables  # the good ones committed, 0099 rolled back
+        assert versions == [m.version for m in good]
         assert migrate(conn, good) == []  # running again applies nothing
     finally:
         conn.close()

@@ -573,6 +573,23 @@ async def test_release_requeues_at_once(store: Store) -> None:
     await _assert_fenced(store, claim)
 
 
+async def test_failures_count_failed_attempts_only(store: Store, clock: FakeClock) -> None:
+    """Interruptions (release, recovery) raise the attempt but not the failures the retry policy decides on."""
+    await store.enqueue(ALICE, "s1", "job", None)
+    first = await claim_one(store)
+    assert (first.attempt, first.failures) == (1, 0)
+    await store.release(first, interrupted(first.input_seq, first.attempt))
+    second = await claim_one(store, lease_s=5)
+    assert (second.attempt, second.failures) == (2, 0)
+    clock.advance(6)
+    await store.recover_expired()
+    third = await claim_one(store)
+    assert (third.attempt, third.failures) == (3, 0)
+    await store.retry(third, failed(retrying=True), clock.now)
+    fourth = await claim_one(store)
+    assert (fourth.attempt, fourth.failures) == (4, 1)
+
+
 async def _assert_fenced(store: Store, claim: Claim) -> None:
     """Every write verb refuses a claim that lost its lease, and writes nothing."""
     before = await log_json(store, claim.session_id)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from service.hub import Hub, Subscription
-from service.models import Claim, Entry, SessionStatus
+from service.models import Claim, Entry, SessionStatus, interrupted
 from service.queue import Store, open_store
 from service.queue.memory import MemoryStore
 from service.queue.retry import RetryPolicy
@@ -185,6 +185,18 @@ async def test_failure_is_retried_with_backoff_then_the_session_moves_on(world: 
     assert await world.replies("s1") == ["You said: after [context: 1]"]
     assert (pool.stats.retried, pool.stats.failed, pool.stats.completed) == (1, 1, 1)
     assert await world.status("s1") is SessionStatus.IDLE
+
+
+async def test_interruptions_do_not_use_up_the_retries(world: World) -> None:
+    await world.send("s1", "[[fail]] broken")
+    for _ in range(3):  # three shutdowns in a row caught this input mid-run
+        claim = await world.store.claim("gone", 30)
+        assert claim is not None
+        await world.store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    await world.pool().run_until_idle()
+    failed = [e for e in await world.log("s1") if e.type == "run_failed"]
+    assert [f.metadata["attempt"] for f in failed] == [4]
+    assert failed[0].metadata["retrying"] is True  # its first failure: retried as usual
 
 
 async def test_a_team_that_cannot_be_built_fails_at_once(world: World) -> None:

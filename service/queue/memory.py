@@ -109,6 +109,7 @@ class _Input:
     not_before: datetime
     status: str = QUEUED
     attempt: int = 1
+    failures: int = 0
     lease_token: str = ""
     lease_expires_at: datetime | None = None
     run_id: str = ""
@@ -279,6 +280,7 @@ class MemoryStore:
                 worker_id,
                 started=_copy_entry(entry),
                 team_state=None if row.state is None else _clone(row.state),
+                failures=item.failures,
             )
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
@@ -336,6 +338,7 @@ class MemoryStore:
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
         async with self._lock:
             row, item = self._fenced(claim)
+            item.failures += 1
             return _copy_entry(self._requeue(row, item, entry, claim.run_id, not_before))
 
     async def release(self, claim: Claim, entry: NewEntry) -> Entry:

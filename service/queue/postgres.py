@@ -128,6 +128,7 @@ class PostgresStore(PostgresBase):
             worker_id=worker_id,
             started=entry,
             team_state=row["team_state"],
+            failures=row["failures"],
         )
 
     @asynccontextmanager
@@ -189,14 +190,14 @@ class PostgresStore(PostgresBase):
         return done
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
-        return await self._requeue(claim, entry, not_before)
+        return await self._requeue(claim, entry, not_before, failed=True)
 
     async def release(self, claim: Claim, entry: NewEntry) -> Entry:
-        return await self._requeue(claim, entry, self._clock())
+        return await self._requeue(claim, entry, self._clock(), failed=False)
 
-    async def _requeue(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def _requeue(self, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool) -> Entry:
         async with self._fenced(claim) as conn:
-            await conn.execute(q.REQUEUE, claim.input_id, not_before)
+            await conn.execute(q.REQUEUE, claim.input_id, not_before, int(failed))
             [done] = await self._append(
                 conn,
                 claim.session_id,

@@ -81,7 +81,7 @@ TAKE_INPUT = """
 UPDATE inputs i SET status = 'running', lease_token = $2, lease_expires_at = $3, worker_id = $4, run_id = $5,
     cancel_requested = FALSE
 FROM sessions s WHERE i.id = $1 AND s.session_id = i.session_id
-RETURNING i.id, i.session_id, s.owner, s.team, i.input_seq, i.content, i.attempt, s.team_state"""
+RETURNING i.id, i.session_id, s.owner, s.team, i.input_seq, i.content, i.attempt, s.team_state, i.failures"""
 # The lease fence: the input still runs under this token. FOR UPDATE: nothing changes it until we commit.
 FENCE = "SELECT id FROM inputs WHERE id = $1 AND lease_token = $2 AND status = 'running' FOR UPDATE"
 HEARTBEAT = """
@@ -90,7 +90,8 @@ RETURNING id"""
 CANCEL_FLAG = "SELECT cancel_requested FROM inputs WHERE id = $1 AND lease_token = $2 AND status = 'running'"
 MARK_DONE = "UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL WHERE id = $1"
 REQUEUE = """
-UPDATE inputs SET status = 'queued', attempt = attempt + 1, not_before = $2, lease_token = NULL,
+UPDATE inputs SET status = 'queued', attempt = attempt + 1, failures = failures + $3, not_before = $2,
+    lease_token = NULL,
     lease_expires_at = NULL, worker_id = NULL, cancel_requested = FALSE
 WHERE id = $1"""
 HAS_QUEUED = "SELECT EXISTS (SELECT 1 FROM inputs WHERE session_id = $1 AND status = 'queued')"

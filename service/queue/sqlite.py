@@ -186,13 +186,15 @@ class SqliteStore:
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, not_before))
+        done = await self._writer.write(
+            lambda c: queue.requeue(c, now, claim, entry, not_before, failed=True)
+        )
         self._work.set()
         return done
 
     async def release(self, claim: Claim, entry: NewEntry) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now))
+        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now, failed=False))
         self._work.set()
         return done
 

@@ -40,7 +40,8 @@ VALUES (?, ?, ?, 'queued', 1, ?, ?)"""
 
 # Per-session FIFO and one running input per session, as a WHERE clause: the oldest queued input that is due,
 # whose session has nothing running and no older queued input (a retry waiting on backoff keeps its place).
-CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team, s.last_seq
+CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team, s.last_seq,
+  i.failures
 FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
 WHERE i.status = 'queued' AND i.not_before <= :now
   AND NOT EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id AND r.status = 'running')
@@ -55,7 +56,8 @@ FENCE = """SELECT s.last_seq FROM inputs AS i JOIN sessions AS s ON s.session_id
 WHERE i.id = ? AND i.lease_token = ? AND i.status = 'running'"""
 DONE = """UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
-REQUEUE = """UPDATE inputs SET status = 'queued', attempt = attempt + 1, not_before = ?, lease_token = NULL,
+REQUEUE = """UPDATE inputs SET status = 'queued', attempt = attempt + 1, failures = failures + ?,
+not_before = ?, lease_token = NULL,
 lease_expires_at = NULL, worker_id = NULL, cancel_requested = 0
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
 HEARTBEAT = (
@@ -119,7 +121,7 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     row = db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:
         return None
-    input_id, session_id, input_seq, content, attempt, owner, team, last = row
+    input_id, session_id, input_seq, content, attempt, owner, team, last, failures = row
     token, run_id = new_lease_token(), new_run_id()
     db.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
     # The run's first entry and its saved state come with the claim: two round trips to the writer fewer.
@@ -128,7 +130,7 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     )
     return Claim(
         input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id,
-        started=entry, team_state=load_team_state(db, session_id),
+        started=entry, team_state=load_team_state(db, session_id), failures=failures,
     )  # fmt: skip
 
 
@@ -188,9 +190,12 @@ def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dic
     return done
 
 
-def requeue(db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
-    """retry() and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
-    if db.execute(REQUEUE, (not_before.timestamp(), claim.input_id, claim.lease_token)).rowcount == 0:
+def requeue(
+    db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool
+) -> Entry:
+    """retry() (failed) and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
+    args = (int(failed), not_before.timestamp(), claim.input_id, claim.lease_token)
+    if db.execute(REQUEUE, args).rowcount == 0:
         raise LeaseLost()
     status = SessionStatus.QUEUED
     (done,) = append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
@@ -206,7 +211,7 @@ def recover_expired(db: Db, now: datetime, cutoff: datetime | None = None) -> li
     for input_id, session_id, input_seq, attempt, run_id, token in sorted(
         db.execute(sql, ((cutoff or now).timestamp(),))
     ):
-        db.execute(REQUEUE, (now.timestamp(), input_id, token))
+        db.execute(REQUEUE, (0, now.timestamp(), input_id, token))  # an interruption, not a failure
         entry = interrupted(input_seq, attempt)
         recovered += append_entries(db, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
     return recovered

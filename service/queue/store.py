@@ -144,11 +144,13 @@ class Store(Protocol):
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
         """The run failed and will be tried again: append ``entry`` (run_failed, retrying) and put the input back
-        in the queue with attempt + 1, claimable from ``not_before``. LeaseLost if fenced."""
+        in the queue with attempt + 1 and failures + 1 (``Claim.failures`` of its next claim), claimable from
+        ``not_before``. LeaseLost if fenced."""
 
     async def release(self, claim: Claim, entry: NewEntry) -> Entry:
         """Graceful shutdown: append ``entry`` (run_interrupted) and put the input back in the queue with
-        attempt + 1, claimable at once. LeaseLost if fenced."""
+        attempt + 1 (failures unchanged: an interruption is not a failure), claimable at once. LeaseLost if
+        fenced."""
 
     async def recover_expired(self) -> list[Entry]:
         """For each running input whose lease expired (its process died): append ``run_interrupted`` (with

@@ -309,7 +309,9 @@ class Run:
 
     async def _failed(self, exc: BaseException, *, final: bool) -> Outcome:
         error = error_line(exc)
-        not_before = None if final else self.deps.retry.next_attempt_at(self.claim.attempt, self.deps.clock())
+        # Failures, not attempts: interruptions (shutdowns, crashes) do not use up the retries of a failing run.
+        failure = self.claim.failures + 1
+        not_before = None if final else self.deps.retry.next_attempt_at(failure, self.deps.clock())
         retrying = not_before is not None
         text = f"Run failed: {error}" + (" (it will be retried)" if retrying else "")
         entry = lifecycle(RUN_FAILED, text, error=error, retrying=retrying, **self._details())
