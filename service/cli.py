@@ -13,6 +13,7 @@ from aiohttp import web
 
 from service.config import Config, add_arguments, load_config
 from service.errors import ServiceError
+from service.queue import safe_url
 
 log = logging.getLogger("service")
 
@@ -70,7 +71,7 @@ async def serve(config: Config) -> None:
                 "listening on http://%s:%s (database %s, auth %s)",
                 host,
                 port,
-                _safe(config.database),
+                safe_url(config.database),
                 config.auth,
             )
         await stop.wait()
@@ -78,12 +79,3 @@ async def serve(config: Config) -> None:
     finally:
         await runner.cleanup()
         log.info("stopped")
-
-
-def _safe(url: str) -> str:
-    """A database URL without its password, for the log."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from service.queue import safe_url
+
 ADMIN_DSN = os.environ.get("SERVICE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 _CONNECT_TIMEOUT_S = 5.0
 # Set once the server was found unreachable, so later tests skip at once instead of waiting again.
@@ -32,7 +34,7 @@ async def _run(sql: str) -> None:
     try:
         conn = await asyncpg.connect(ADMIN_DSN, timeout=_CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
-        raise _Unreachable(f"no PostgreSQL server at {_safe(ADMIN_DSN)}: {exc}") from exc
+        raise _Unreachable(f"no PostgreSQL server at {safe_url(ADMIN_DSN)}: {exc}") from exc
     try:
         await conn.execute(sql)
     finally:
@@ -43,15 +45,6 @@ def _admin(sql: str) -> None:
     # A fresh loop in another thread: the caller may already be inside a running loop (async fixtures).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(asyncio.run, _run(sql)).result()
-
-
-def _safe(dsn: str) -> str:
-    """The DSN without its password, for messages."""
-    parts = urlsplit(dsn)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))
 
 
 def database_url(name: str) -> str:

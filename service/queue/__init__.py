@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 from service.errors import BadRequest
 from service.models import utcnow
 from service.queue.store import Clock, Store
+
+
+def safe_url(url: str) -> str:
+    """A database URL without its password, for messages and logs (file paths come back unchanged)."""
+    if "://" not in url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))
 
 
 def open_store(
@@ -34,4 +47,4 @@ def open_store(
     return SqliteStore(path, synchronous=sqlite_synchronous, clock=clock, exclusive=exclusive)
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "safe_url"]

@@ -22,6 +22,7 @@ from service.models import (
     utcnow,
 )
 from service.queue import postgres_sql as q
+from service.queue import safe_url
 from service.queue.migrate import load_migrations, pending
 from service.queue.postgres_notify import Notifier
 from service.queue.postgres_outbox import Outbox
@@ -32,7 +33,6 @@ from service.queue.postgres_schema import (
     applied_versions,
     init_connection,
     migrate,
-    safe_dsn,
 )
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
 
@@ -51,7 +51,7 @@ class PostgresBase:
 
     # --- lifetime -------------------------------------------------------------------------------------------
     async def open(self) -> None:
-        where = safe_dsn(self._dsn)
+        where = safe_url(self._dsn)
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
             try:

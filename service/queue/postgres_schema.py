@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -46,15 +45,6 @@ async def init_connection(conn: Any) -> None:
         await conn.set_type_codec(
             type_name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog", format="text"
         )
-
-
-def safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for error messages and logs."""
-    parts = urlsplit(dsn)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))
 
 
 async def applied_versions(conn: Any) -> set[int]:
