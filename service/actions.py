@@ -29,5 +29,7 @@ async def submit(app: web.Application, owner: str, session_id: str, message: dic
 async def cancel(app: web.Application, owner: str, session_id: str) -> bool:
     """Stop the session's run: at once when it runs here, through the store when another process runs it."""
     requested = await app[keys.STORE].request_cancel(owner, session_id)
+    if requested.entry is not None:  # a pending retry, ended by the store itself
+        app[keys.HUB].publish(session_id, [requested.entry])
     local = app[keys.POOL].cancel(session_id)
-    return requested or local
+    return requested.cancelled or local

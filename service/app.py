@@ -30,7 +30,10 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     )
     app[keys.CONFIG] = config
     app[keys.STORE] = store or open_store(
-        config.database, sqlite_synchronous=config.sqlite_synchronous, exclusive=True
+        config.database,
+        sqlite_synchronous=config.sqlite_synchronous,
+        exclusive=True,
+        max_interruptions=config.max_interruptions,
     )
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)
@@ -48,6 +51,8 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         poll_interval_s=config.poll_interval_s,
         grace_s=config.grace_s,
         retry=RetryPolicy(config.max_attempts, config.retry_base_delay_s, config.retry_max_delay_s),
+        stop_timeout_s=config.stop_timeout_s,
+        stall_timeout_s=config.stall_timeout_s,
         metrics=app[keys.METRICS],
     )
     app.cleanup_ctx.append(_store_ctx)

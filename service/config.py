@@ -79,6 +79,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_attempts", 3, "attempts of a failing run before run_failed with retrying false"),
     Setting("retry_base_delay_s", 1.0, "backoff before the 2nd attempt; doubles each attempt"),
     Setting("retry_max_delay_s", 60.0, "backoff cap"),
+    Setting(
+        "stop_timeout_s",
+        10.0,
+        "seconds a team gets to end after it was asked to stop (cancel, shutdown, stall); then it is abandoned"
+        " and the service writes the outcome itself",
+    ),
+    Setting(
+        "stall_timeout_s",
+        900.0,
+        "seconds a run may go without any output (not counting waits for a human) before it is stopped with a"
+        " final run_failed; 0 turns it off",
+    ),
+    Setting(
+        "max_interruptions",
+        5,
+        "times the process may die while running one message before it ends with a final run_failed; 0: no cap",
+    ),
     Setting("max_body_bytes", 1_048_576, "largest HTTP request body (413 too_large beyond)"),
     Setting("max_frame_bytes", 262_144, "largest WebSocket frame (error frame too_large beyond)"),
     Setting("max_message_chars", 100_000, "longest user message content (too_large beyond)"),
@@ -111,6 +128,9 @@ class Config:
     max_attempts: int = 3
     retry_base_delay_s: float = 1.0
     retry_max_delay_s: float = 60.0
+    stop_timeout_s: float = 10.0
+    stall_timeout_s: float = 900.0
+    max_interruptions: int = 5
     max_body_bytes: int = 1_048_576
     max_frame_bytes: int = 262_144
     max_message_chars: int = 100_000
@@ -149,6 +169,11 @@ class Config:
         for name in ("lease_s", "heartbeat_s", "poll_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.stop_timeout_s <= 0:
+            raise ConfigError("stop_timeout_s must be positive")
+        for name in ("stall_timeout_s", "max_interruptions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.heartbeat_s >= self.lease_s:
             raise ConfigError("heartbeat_s must be shorter than lease_s, or leases expire between heartbeats")
         return self

@@ -81,6 +81,16 @@ async def cancel(request: web.Request) -> web.Response:
     return json_response({"cancelled": cancelled}, status=202)
 
 
+async def reset(request: web.Request) -> web.Response:
+    """Forget the agents' memory (team state), keep the log: the way out of a state the team cannot load."""
+    session = await owned_session(request)
+    entry = await _store(request).reset_team_state(current_user(request), session.session_id)
+    if entry is None:
+        raise NotFound(f"no session {session.session_id}")
+    request.app[keys.HUB].publish(session.session_id, [entry])
+    return json_response({"session_id": session.session_id, "reset": True, "seq": entry.seq})
+
+
 async def get_cursor(request: web.Request) -> web.Response:
     session = await owned_session(request)
     client_id = parse.ident(request.match_info.get("client_id"), "client_id")

@@ -17,6 +17,11 @@ RUN_INTERRUPTED = "run_interrupted"
 LIFECYCLE_TYPES = frozenset({RUN_STARTED, RUN_COMPLETED, RUN_CANCELLED, RUN_FAILED, RUN_INTERRUPTED})
 USER_INPUT_REQUESTED = "UserInputRequestedEvent"
 SYSTEM_SOURCE = "system"
+# Written by POST /sessions/{id}/reset: the agents' memory (team state) was cleared; the log is kept.
+TEAM_RESET = "team_reset"
+# A run whose process dies this many times ends with a final run_failed (README "Guarantees"); the setting
+# ``max_interruptions`` overrides it.
+DEFAULT_MAX_INTERRUPTIONS = 5
 
 
 class SessionStatus(enum.StrEnum):
@@ -184,6 +189,20 @@ class Answer:
     content: str
 
 
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """What ``Store.request_cancel`` did. ``running``: a running input was flagged to stop (its run writes the
+    ``run_cancelled``). ``entry``: the ``run_cancelled`` the store wrote itself for an input that was waiting to
+    be retried (publish it)."""
+
+    running: bool = False
+    entry: Entry | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.running or self.entry is not None
+
+
 def lifecycle(type_: str, content: str, **details: Any) -> NewEntry:
     """A run lifecycle entry (source ``system``); ``details`` go to metadata (and the top level of its JSON)."""
     return NewEntry(type=type_, source=SYSTEM_SOURCE, content=content, metadata=details)
@@ -196,6 +215,41 @@ def interrupted(input_seq: int, attempt: int) -> NewEntry:
         input_seq=input_seq,
         attempt=attempt,
         retrying=True,
+    )
+
+
+def interruption(
+    input_seq: int, attempt: int, interruptions: int, max_interruptions: int
+) -> tuple[NewEntry, bool]:
+    """What lease recovery writes for a run that died with its process (``interruptions``: earlier deaths of
+    this input). The rule, decided here for every backend: below ``max_interruptions`` deaths the input is queued
+    again (``run_interrupted``); at the cap it ends with a final ``run_failed`` (True: the input is done), so a
+    message that kills the process cannot re-queue itself forever. ``max_interruptions`` 0 means no cap."""
+    died = interruptions + 1
+    if max_interruptions <= 0 or died < max_interruptions:
+        return interrupted(input_seq, attempt), False
+    error = (
+        f"the service stopped abruptly while running this message {died} times (limit {max_interruptions}); "
+        "it will not be tried again"
+    )
+    final = lifecycle(
+        RUN_FAILED, f"Run failed: {error}", error=error, retrying=False, input_seq=input_seq, attempt=attempt
+    )
+    return final, True
+
+
+def retry_cancelled(input_seq: int, attempt: int) -> NewEntry:
+    """The ``run_cancelled`` of an input cancelled while it waited to be retried (no run was working on it)."""
+    return lifecycle(
+        RUN_CANCELLED, "Run cancelled (its pending retry will not run).", input_seq=input_seq, attempt=attempt
+    )
+
+
+def team_reset() -> NewEntry:
+    return NewEntry(
+        type=TEAM_RESET,
+        source=SYSTEM_SOURCE,
+        content="The agents' memory was reset; the conversation log is kept.",
     )
 
 

@@ -216,10 +216,27 @@ PATHS: dict[str, Any] = {
     "/sessions/{session_id}/cancel": {
         "parameters": [SESSION_PARAM],
         "post": _op(
-            "Cancel the active run, if any",
+            "Cancel the active run (or the pending retry of a failed or interrupted one), if any",
             "202",
             {"type": "object", "properties": {"cancelled": {"type": "boolean"}}},
             COMMON,
+        ),
+    },
+    "/sessions/{session_id}/reset": {
+        "parameters": [SESSION_PARAM],
+        "post": _op(
+            "Forget the agents' memory (team state); the log is kept. 409 while a run is in progress",
+            "200",
+            {
+                "type": "object",
+                "required": ["session_id", "reset", "seq"],
+                "properties": {
+                    "session_id": {"type": "string"},
+                    "reset": {"type": "boolean"},
+                    "seq": {"type": "integer"},
+                },
+            },
+            (*COMMON, 409),
         ),
     },
     "/sessions/{session_id}/cursors/{client_id}": {

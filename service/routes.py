@@ -45,6 +45,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/sessions/{session_id}/messages", handlers.read_messages)
     app.router.add_post("/sessions/{session_id}/messages", handlers.post_message)
     app.router.add_post("/sessions/{session_id}/cancel", handlers.cancel)
+    app.router.add_post("/sessions/{session_id}/reset", handlers.reset)
     app.router.add_get("/sessions/{session_id}/cursors/{client_id}", handlers.get_cursor)
     app.router.add_put("/sessions/{session_id}/cursors/{client_id}", handlers.put_cursor)
     app.router.add_get("/sessions/{session_id}/events", sse.events)

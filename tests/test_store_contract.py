@@ -22,8 +22,10 @@ from service.models import (
     RUN_FAILED,
     RUN_INTERRUPTED,
     RUN_STARTED,
+    TEAM_RESET,
     USER_INPUT_REQUESTED,
     Answer,
+    CancelRequest,
     Claim,
     NewEntry,
     SessionStatus,
@@ -31,7 +33,7 @@ from service.models import (
     lifecycle,
 )
 from service.queue import Store, open_store
-from tests.conftest import STORE_URL, FakeClock
+from tests.conftest import BACKENDS, STORE_URL, FakeClock
 
 ALICE = "alice"
 BOB = "bob"
@@ -602,7 +604,7 @@ async def _assert_fenced(store: Store, claim: Claim) -> None:
     with pytest.raises(LeaseLost):
         await store.release(claim, interrupted(claim.input_seq, claim.attempt))
     with pytest.raises(LeaseLost):
-        await store.take_answer(claim)
+        await store.take_answer(claim, 0)
     assert not await store.heartbeat(claim, LEASE_S)
     assert await log_json(store, claim.session_id) == before
     assert await store.load_team_state(claim.session_id) != {"ghost": True}
@@ -663,13 +665,13 @@ async def test_user_input_request_and_take_answer(store: Store) -> None:
     claim = await claim_one(store)
     await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
     assert await status(store, "s1") is SessionStatus.AWAITING_INPUT
-    assert await store.take_answer(claim) is None
+    assert await store.take_answer(claim, 0) is None
     assert await status(store, "s1") is SessionStatus.AWAITING_INPUT
 
     answer = await store.enqueue(ALICE, "s1", "blue", None)
     later = await store.enqueue(ALICE, "s1", "next question", None)
     assert await status(store, "s1") is SessionStatus.AWAITING_INPUT
-    assert await store.take_answer(claim) == Answer(answer.seq, "blue")
+    assert await store.take_answer(claim, 0) == Answer(answer.seq, "blue")
     assert await status(store, "s1") is SessionStatus.RUNNING
     assert await store.counts() == {"queued": 1, "running": 1}
     await store.finish(claim, completed(), None)
@@ -695,17 +697,17 @@ async def test_run_end_clears_awaiting_input(store: Store, clock: FakeClock) -> 
 
 
 async def test_request_cancel(store: Store) -> None:
-    assert not await store.request_cancel(ALICE, "nope")
+    assert await store.request_cancel(ALICE, "nope") == CancelRequest()
     await store.create_session(ALICE, "idle", "default", None)
-    assert not await store.request_cancel(ALICE, "idle")
+    assert await store.request_cancel(ALICE, "idle") == CancelRequest()
     await store.enqueue(ALICE, "s1", "one", None)
     await store.enqueue(ALICE, "s1", "two", None)
-    assert not await store.request_cancel(ALICE, "s1")  # queued, nothing running yet
+    assert await store.request_cancel(ALICE, "s1") == CancelRequest()  # queued, never started: not a run
     claim = await claim_one(store)
     assert not await store.cancel_requested(claim)
-    assert not await store.request_cancel(BOB, "s1")
+    assert await store.request_cancel(BOB, "s1") == CancelRequest()
     assert not await store.cancel_requested(claim)
-    assert await store.request_cancel(ALICE, "s1")
+    assert await store.request_cancel(ALICE, "s1") == CancelRequest(running=True)
     assert await store.cancel_requested(claim)
     await store.finish(claim, lifecycle(RUN_CANCELLED, "cancelled"), None)
     # The request belonged to that run only.
@@ -716,7 +718,7 @@ async def test_request_cancel(store: Store) -> None:
 async def test_cancel_request_does_not_survive_a_retry(store: Store, clock: FakeClock) -> None:
     await store.enqueue(ALICE, "s1", "one", None)
     claim = await claim_one(store)
-    assert await store.request_cancel(ALICE, "s1")
+    assert (await store.request_cancel(ALICE, "s1")).running
     await store.release(claim, interrupted(claim.input_seq, claim.attempt))
     again = await claim_one(store)
     assert not await store.cancel_requested(again)
@@ -730,6 +732,98 @@ async def test_deleted_session_asks_its_run_to_stop(store: Store) -> None:
     assert await store.cancel_requested(claim)
 
 
+async def test_answers_belong_to_their_run_across_attempts(store: Store, clock: FakeClock) -> None:
+    """An answer taken by one attempt is given again to every later attempt of the same input, in order; a
+    message sent later is not taken in its place, and the input's end leaves the answers done."""
+    await store.enqueue(ALICE, "s1", "[[ask]] twice", None)
+    claim = await claim_one(store, lease_s=10)
+    await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
+    first = await store.enqueue(ALICE, "s1", "red", None)
+    second = await store.enqueue(ALICE, "s1", "green", None)
+    assert await store.take_answer(claim, 0) == Answer(first.seq, "red")
+    assert await store.take_answer(claim, 0) == Answer(first.seq, "red")  # asking again changes nothing
+    assert await store.take_answer(claim, 1) == Answer(second.seq, "green")
+    assert await store.take_answer(claim, 3) is None  # no skipping ahead
+    await store.retry(claim, failed(retrying=True), clock())
+    assert await status(store, "s1") is SessionStatus.QUEUED
+    later = await store.enqueue(ALICE, "s1", "blue", None)
+
+    again = await claim_one(store, lease_s=10)
+    assert again.input_seq == claim.input_seq and again.attempt == 2
+    assert await store.take_answer(again, 0) == Answer(first.seq, "red")
+    assert await store.take_answer(again, 1) == Answer(second.seq, "green")
+    clock.advance(11)
+    await store.recover_expired()  # a crash: still the same answers
+    third = await claim_one(store)
+    assert third.input_seq == claim.input_seq
+    assert await store.take_answer(third, 0) == Answer(first.seq, "red")
+    assert await store.take_answer(third, 1) == Answer(second.seq, "green")
+    assert await store.take_answer(third, 2) == Answer(later.seq, "blue")
+    await store.finish(third, completed(), None)
+    assert await store.counts() == {"queued": 0, "running": 0}
+    assert await status(store, "s1") is SessionStatus.IDLE
+
+
+async def test_cancel_ends_a_pending_retry(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "[[fail]] boom", None)
+    nxt = await store.enqueue(ALICE, "s1", "afterwards", None)
+    claim = await claim_one(store)
+    await store.retry(claim, failed(retrying=True), clock() + timedelta(seconds=60))
+    done = await store.request_cancel(ALICE, "s1")
+    assert not done.running and done.entry is not None and done.cancelled
+    assert (done.entry.type, done.entry.run_id) == (RUN_CANCELLED, claim.run_id)
+    assert done.entry.to_json()["input_seq"] == claim.input_seq
+    assert (await store.read_log("s1")).messages[-1] == done.entry
+    assert await status(store, "s1") is SessionStatus.QUEUED  # the next message waits, claimable now
+    clock.advance(120)
+    following = await claim_one(store)
+    assert following.input_seq == nxt.seq  # the cancelled input is never claimed again
+    assert await store.request_cancel(ALICE, "s1") == CancelRequest(running=True)
+
+
+@pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
+async def test_interruptions_are_capped(store_url: str, clock: FakeClock) -> None:
+    """At max_interruptions deaths recovery ends the input with a final run_failed; graceful releases and
+    failures do not count."""
+    s = open_store(store_url, clock=clock, max_interruptions=2)
+    await s.open()
+    try:
+        await s.enqueue(ALICE, "s1", "poison", None)
+        claim = await claim_one(s, lease_s=10)
+        await s.release(claim, interrupted(claim.input_seq, claim.attempt))  # a shutdown: not counted
+        claim = await claim_one(s, lease_s=10)
+        clock.advance(11)
+        [first] = await s.recover_expired()
+        assert first.type == RUN_INTERRUPTED
+        claim = await claim_one(s, lease_s=10)
+        clock.advance(11)
+        [final] = await s.recover_expired()
+        assert (final.type, final.metadata["retrying"], final.run_id) == (RUN_FAILED, False, claim.run_id)
+        assert "2 times" in final.metadata["error"]
+        assert await s.counts() == {"queued": 0, "running": 0}
+        assert await status(s, "s1") is SessionStatus.FAILED
+        with pytest.raises(LeaseLost):
+            await s.append(claim, [said("late")])
+    finally:
+        await s.close()
+
+
+async def test_reset_team_state(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store)
+    with pytest.raises(Conflict):
+        await store.reset_team_state(ALICE, "s1")  # a run is in progress
+    await store.finish(claim, completed(), {"agent_states": {"a": 1}})
+    assert await store.load_team_state("s1") == {"agent_states": {"a": 1}}
+    entry = await store.reset_team_state(ALICE, "s1")
+    assert entry is not None and (entry.type, entry.source) == (TEAM_RESET, "system")
+    assert await store.load_team_state("s1") is None
+    assert (await store.read_log("s1")).messages[-1] == entry
+    assert await store.reset_team_state(ALICE, "nope") is None
+    await store.enqueue(ALICE, "s1", "two", None)
+    assert (await claim_one(store)).team_state is None
+
+
 # --- owners ---------------------------------------------------------------------------------------
 async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
     await store.create_session(ALICE, "s1", "default", "private")
@@ -740,7 +834,8 @@ async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
     assert not await store.delete_session(BOB, "s1")
     with pytest.raises(NotFound):
         await store.enqueue(BOB, "s1", "intrude", "m1")
-    assert not await store.request_cancel(BOB, "s1")
+    assert not (await store.request_cancel(BOB, "s1")).cancelled
+    assert await store.reset_team_state(BOB, "s1") is None
     with pytest.raises(Conflict):
         await store.create_session(BOB, "s1", "default", None)
     # Nothing changed for the owner.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from service.errors import BadRequest
-from service.models import utcnow
+from service.models import DEFAULT_MAX_INTERRUPTIONS, utcnow
 from service.queue.store import Clock, Store
 
 
@@ -21,18 +21,24 @@ def safe_url(url: str) -> str:
 
 
 def open_store(
-    url: str, *, clock: Clock = utcnow, sqlite_synchronous: str = "FULL", exclusive: bool = False
+    url: str,
+    *,
+    clock: Clock = utcnow,
+    sqlite_synchronous: str = "FULL",
+    exclusive: bool = False,
+    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
 ) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
-    ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore)."""
+    ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore).
+    ``max_interruptions``: deaths of the process while running one input before recovery ends it (0: no cap)."""
     if url.startswith("memory://"):
         from service.queue.memory import MemoryStore
 
-        return MemoryStore(clock=clock)
+        return MemoryStore(clock=clock, max_interruptions=max_interruptions)
     if url.startswith(("postgresql://", "postgres://")):
         from service.queue.postgres import PostgresStore
 
-        return PostgresStore(url, clock=clock)
+        return PostgresStore(url, clock=clock, max_interruptions=max_interruptions)
     if url.startswith("sqlite://"):
         # As in SQLAlchemy: sqlite:///rel/path is relative, sqlite:////abs/path is absolute.
         path = url.removeprefix("sqlite://").removeprefix("/")
@@ -44,7 +50,13 @@ def open_store(
         path = url
     from service.queue.sqlite import SqliteStore
 
-    return SqliteStore(path, synchronous=sqlite_synchronous, clock=clock, exclusive=exclusive)
+    return SqliteStore(
+        path,
+        synchronous=sqlite_synchronous,
+        clock=clock,
+        exclusive=exclusive,
+        max_interruptions=max_interruptions,
+    )
 
 
 __all__ = ["Store", "open_store", "safe_url"]

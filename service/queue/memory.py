@@ -23,9 +23,11 @@ from typing import Any, ClassVar
 
 from service.errors import Conflict, LeaseLost, NotFound, QueueFull
 from service.models import (
+    DEFAULT_MAX_INTERRUPTIONS,
     RUN_FAILED,
     USER_INPUT_REQUESTED,
     Answer,
+    CancelRequest,
     Claim,
     Enqueued,
     Entry,
@@ -33,11 +35,13 @@ from service.models import (
     Page,
     Session,
     SessionStatus,
-    interrupted,
+    interruption,
     new_lease_token,
     new_run_id,
     new_session_id,
+    retry_cancelled,
     started,
+    team_reset,
     utcnow,
 )
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
@@ -110,6 +114,8 @@ class _Input:
     status: str = QUEUED
     attempt: int = 1
     failures: int = 0
+    interruptions: int = 0
+    answers: list[Answer] = field(default_factory=list)  # taken by this input's runs, in order
     lease_token: str = ""
     lease_expires_at: datetime | None = None
     run_id: str = ""
@@ -119,8 +125,9 @@ class _Input:
 class MemoryStore:
     dialect: ClassVar[str] = "memory"
 
-    def __init__(self, clock: Clock = utcnow) -> None:
+    def __init__(self, clock: Clock = utcnow, max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS) -> None:
         self._clock = clock
+        self._max_interruptions = max_interruptions
         self._lock = asyncio.Lock()
         self._sessions: dict[str, _Session] = {}
         self._inputs: dict[int, _Input] = {}
@@ -307,33 +314,26 @@ class MemoryStore:
                 return True  # fenced (recovered or deleted): the run can no longer write, so it should stop
             return item.cancel
 
-    async def take_answer(self, claim: Claim) -> Answer | None:
+    async def take_answer(self, claim: Claim, index: int) -> Answer | None:
         async with self._lock:
-            row, _ = self._fenced(claim)
-            for input_id in row.pending:
-                item = self._inputs[input_id]
-                if item.status == QUEUED:
-                    row.pending.remove(input_id)
-                    del self._inputs[input_id]
-                    row.awaiting = False
-                    row.updated_at = self._clock()
-                    return Answer(item.seq, item.content)
-            return None
+            row, asking = self._fenced(claim)
+            if index >= len(asking.answers):
+                queued = [i for i in row.pending if self._inputs[i].status == QUEUED]
+                if len(asking.answers) != index or not queued:
+                    return None
+                item = self._inputs.pop(queued[0])
+                row.pending.remove(item.input_id)
+                asking.answers.append(Answer(item.seq, item.content))
+            row.awaiting = False
+            row.updated_at = self._clock()
+            return asking.answers[index]
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         async with self._lock:
             row, item = self._fenced(claim)
-            written = self._append(row, entry, claim.run_id, None)
-            row.pending.popleft()
-            del self._inputs[item.input_id]
             if team_state is not None:
                 row.state = _clone(team_state)
-            row.awaiting = False
-            row.failed = entry.type == RUN_FAILED
-            if row.pending:
-                self._push_head(row)
-                self._wake()  # the session's next input became claimable
-            return _copy_entry(written)
+            return _copy_entry(self._end(row, item, entry, claim.run_id))
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
         async with self._lock:
@@ -357,20 +357,39 @@ class MemoryStore:
             out = []
             for item in sorted(dead, key=lambda i: i.input_id):
                 row = self._sessions[item.session_id]
-                entry = interrupted(item.seq, item.attempt)
-                out.append(_copy_entry(self._requeue(row, item, entry, item.run_id, now)))
+                entry, final = interruption(
+                    item.seq, item.attempt, item.interruptions, self._max_interruptions
+                )
+                if final:
+                    out.append(_copy_entry(self._end(row, item, entry, item.run_id)))
+                else:
+                    item.interruptions += 1
+                    out.append(_copy_entry(self._requeue(row, item, entry, item.run_id, now)))
             return out
 
-    async def request_cancel(self, owner: str, session_id: str) -> bool:
+    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
         async with self._lock:
             row = self._owned(owner, session_id)
             if row is None or not row.pending:
-                return False
+                return CancelRequest()
             head = self._inputs[row.pending[0]]
-            if head.status != RUNNING:
-                return False
-            head.cancel = True
-            return True
+            if head.status == RUNNING:
+                head.cancel = True
+                return CancelRequest(running=True)
+            if head.attempt == 1:
+                return CancelRequest()  # never started: not a run
+            entry = self._end(row, head, retry_cancelled(head.seq, head.attempt - 1), head.run_id)
+            return CancelRequest(entry=_copy_entry(entry))
+
+    async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        async with self._lock:
+            row = self._owned(owner, session_id)
+            if row is None:
+                return None
+            if row.pending and self._inputs[row.pending[0]].status == RUNNING:
+                raise Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+            row.state = None
+            return _copy_entry(self._append(row, team_reset(), None, None))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         async with self._lock:
@@ -437,6 +456,18 @@ class MemoryStore:
         if item is None or item.status != RUNNING or item.lease_token != claim.lease_token:
             raise LeaseLost()
         return self._sessions[item.session_id], item
+
+    def _end(self, row: _Session, item: _Input, entry: NewEntry, run_id: str) -> Entry:
+        """The input is done: append its terminal ``entry``; the session's next input becomes its head."""
+        written = self._append(row, entry, run_id, None)
+        row.pending.remove(item.input_id)
+        del self._inputs[item.input_id]
+        row.awaiting = False
+        row.failed = entry.type == RUN_FAILED
+        if row.pending:
+            self._push_head(row)
+            self._wake()  # the session's next input became claimable
+        return written
 
     def _requeue(
         self, row: _Session, item: _Input, entry: NewEntry, run_id: str, not_before: datetime

@@ -19,20 +19,23 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from service.errors import LeaseLost, NotFound, QueueFull
+from service.errors import Conflict, LeaseLost, NotFound, QueueFull
 from service.models import (
     RUN_FAILED,
     USER_INPUT_REQUESTED,
     Answer,
+    CancelRequest,
     Claim,
     Enqueued,
     Entry,
     NewEntry,
     SessionStatus,
-    interrupted,
+    interruption,
     new_lease_token,
     new_run_id,
+    retry_cancelled,
     started,
+    team_reset,
 )
 from service.queue import postgres_sql as q
 from service.queue.postgres_base import PostgresBase
@@ -163,31 +166,48 @@ class PostgresStore(PostgresBase):
         # Fenced (recovered, finished or deleted): the run can no longer write, so it should stop too.
         return True if flag is None else bool(flag)
 
-    async def take_answer(self, claim: Claim) -> Answer | None:
+    async def take_answer(self, claim: Claim, index: int) -> Answer | None:
         async with self._fenced(claim) as conn:
-            row = await conn.fetchrow(q.OLDEST_QUEUED, claim.session_id)
+            row = await conn.fetchrow(q.NTH_ANSWER, claim.input_id, index)
             if row is None:
-                return None
-            await conn.execute(q.MARK_DONE, row["id"])
+                if await conn.fetchval(q.COUNT_ANSWERS, claim.input_id) != index:
+                    return None
+                row = await conn.fetchrow(q.OLDEST_QUEUED, claim.session_id)
+                if row is None:
+                    return None
+                await conn.execute(q.BIND_ANSWER, claim.input_id, row["id"])
             await conn.execute(q.SET_STATUS, claim.session_id, SessionStatus.RUNNING.value, self._clock())
         return Answer(seq=row["input_seq"], content=row["content"])
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         async with self._fenced(claim) as conn:
             await conn.execute(q.MARK_DONE, claim.input_id)
-            more = bool(await conn.fetchval(q.HAS_QUEUED, claim.session_id))
-            failed = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
-            status = SessionStatus.QUEUED if more else failed
-            [done] = await self._append(
-                conn, claim.session_id, [entry], now=self._clock(), run_id=claim.run_id, status=status
-            )
-            if team_state is not None:
-                await conn.execute(q.SAVE_STATE, claim.session_id, team_state)
-            if more:
-                self._notify(conn, q.WORK_CHANNEL, claim.session_id)
+            done, more = await self._ended(conn, claim.session_id, entry, claim.run_id, team_state)
         if more:
             self.notifier.wake_work()
         return done
+
+    async def _ended(
+        self,
+        conn: Any,
+        session_id: str,
+        entry: NewEntry,
+        run_id: str | None,
+        team_state: dict[str, Any] | None = None,
+    ) -> tuple[Entry, bool]:
+        """Append the terminal ``entry`` of an input just marked done (the caller holds the session lock); the
+        session is queued when more inputs wait (and other instances are told: True), else failed or idle."""
+        more = bool(await conn.fetchval(q.HAS_QUEUED, session_id))
+        failed = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
+        status = SessionStatus.QUEUED if more else failed
+        [done] = await self._append(
+            conn, session_id, [entry], now=self._clock(), run_id=run_id, status=status
+        )
+        if team_state is not None:
+            await conn.execute(q.SAVE_STATE, session_id, team_state)
+        if more:
+            self._notify(conn, q.WORK_CHANNEL, session_id)
+        return done, more
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
         return await self._requeue(claim, entry, not_before, failed=True)
@@ -220,26 +240,55 @@ class PostgresStore(PostgresBase):
             # recovering at once interrupt each run once.
             async with self._tx() as conn:
                 await conn.fetchrow(q.LOCK_SESSION, session_id)
-                row = await conn.fetchrow(q.REQUEUE_EXPIRED, session_id, now)
+                row = await conn.fetchrow(q.EXPIRED_IN_SESSION, session_id, now)
                 if row is None:
                     continue
-                note = interrupted(row["input_seq"], row["attempt"])
+                entry, final = interruption(
+                    row["input_seq"], row["attempt"], row["interruptions"], self._max_interruptions
+                )
+                if final:
+                    await conn.execute(q.MARK_DONE, row["id"])
+                    recovered.append((await self._ended(conn, session_id, entry, row["run_id"]))[0])
+                    continue
+                await conn.execute(q.REQUEUE_EXPIRED, row["id"], now)
                 recovered += await self._append(
-                    conn, session_id, [note], now=now, run_id=row["run_id"], status=SessionStatus.QUEUED
+                    conn, session_id, [entry], now=now, run_id=row["run_id"], status=SessionStatus.QUEUED
                 )
                 self._notify(conn, q.WORK_CHANNEL, session_id)
         if recovered:
             self.notifier.wake_work()
         return recovered
 
-    async def request_cancel(self, owner: str, session_id: str) -> bool:
+    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
         async with self._tx() as conn:
-            found = await conn.fetchval(q.REQUEST_CANCEL, session_id, owner) is not None
-            if found:
-                self._notify(conn, q.WORK_CHANNEL, session_id)
-        if found:
-            self.notifier.wake_work()
-        return found
+            session = await conn.fetchrow(q.LOCK_SESSION, session_id)
+            if session is None or session["owner"] != owner:
+                return CancelRequest()
+            row = await conn.fetchrow(q.CURRENT_RUN, session_id)
+            if row is None or (row["status"] == "queued" and row["attempt"] == 1):
+                return CancelRequest()  # nothing runs, and inputs never started are not runs
+            if row["status"] == "running":
+                await conn.execute(q.SET_CANCEL, row["id"])
+                self._notify(conn, q.WORK_CHANNEL, session_id)  # wakes the instance running it
+                done = CancelRequest(running=True)
+            else:
+                await conn.execute(q.MARK_DONE, row["id"])
+                entry = retry_cancelled(row["input_seq"], row["attempt"] - 1)
+                ended, _ = await self._ended(conn, session_id, entry, row["run_id"])
+                done = CancelRequest(entry=ended)
+        self.notifier.wake_work()
+        return done
+
+    async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        async with self._tx() as conn:
+            session = await conn.fetchrow(q.LOCK_SESSION, session_id)
+            if session is None or session["owner"] != owner:
+                return None
+            if await conn.fetchval(q.HAS_RUNNING, session_id):
+                raise Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+            await conn.execute(q.DROP_STATE, session_id)
+            [entry] = await self._append(conn, session_id, [team_reset()], now=self._clock(), run_id=None)
+        return entry
 
     async def counts(self) -> dict[str, int]:
         async with self._conn() as conn:

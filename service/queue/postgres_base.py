@@ -13,6 +13,7 @@ import asyncpg
 
 from service.errors import BadRequest, Conflict, ServiceError, StoreUnavailable
 from service.models import (
+    DEFAULT_MAX_INTERRUPTIONS,
     Entry,
     NewEntry,
     Page,
@@ -38,9 +39,18 @@ from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
 
 
 class PostgresBase:
-    def __init__(self, dsn: str, *, clock: Clock = utcnow, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Clock = utcnow,
+        min_size: int = 1,
+        max_size: int = 10,
+        max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+    ) -> None:
         self._dsn = dsn
         self._clock = clock
+        self._max_interruptions = max_interruptions
         self._min_size = min_size
         self._max_size = max_size
         self._pool: Any = None

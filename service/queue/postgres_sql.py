@@ -97,17 +97,27 @@ WHERE id = $1"""
 HAS_QUEUED = "SELECT EXISTS (SELECT 1 FROM inputs WHERE session_id = $1 AND status = 'queued')"
 OLDEST_QUEUED = """
 SELECT id, input_seq, content FROM inputs WHERE session_id = $1 AND status = 'queued' ORDER BY id LIMIT 1"""
+# Answers belong to the input whose run asked (README "Guarantees"): the index-th one, or how many there are.
+NTH_ANSWER = "SELECT input_seq, content FROM inputs WHERE answer_for = $1 ORDER BY id LIMIT 1 OFFSET $2"
+COUNT_ANSWERS = "SELECT count(*) FROM inputs WHERE answer_for = $1"
+BIND_ANSWER = "UPDATE inputs SET status = 'done', answer_for = $1 WHERE id = $2"
 EXPIRED = "SELECT session_id FROM inputs WHERE status = 'running' AND lease_expires_at < $1 ORDER BY id"
 # Re-checked under the session lock; the row lock of the UPDATE also waits for a concurrent heartbeat.
+EXPIRED_IN_SESSION = """
+SELECT id, input_seq, attempt, run_id, interruptions FROM inputs
+WHERE session_id = $1 AND status = 'running' AND lease_expires_at < $2 FOR UPDATE"""
 REQUEUE_EXPIRED = """
-UPDATE inputs SET status = 'queued', attempt = attempt + 1, not_before = $2, lease_token = NULL,
-    lease_expires_at = NULL, worker_id = NULL, cancel_requested = FALSE
-WHERE session_id = $1 AND status = 'running' AND lease_expires_at < $2
-RETURNING input_seq, attempt - 1 AS attempt, run_id"""
-REQUEST_CANCEL = """
-UPDATE inputs i SET cancel_requested = TRUE FROM sessions s
-WHERE s.session_id = $1 AND s.owner = $2 AND i.session_id = s.session_id AND i.status = 'running'
-RETURNING i.id"""
+UPDATE inputs SET status = 'queued', attempt = attempt + 1, interruptions = interruptions + 1, not_before = $2,
+    lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, cancel_requested = FALSE
+WHERE id = $1"""
+# The session's current run: its running input, else an input queued again after a failure or an interruption
+# (attempt > 1) at the head of its queue. Inputs never started are not runs.
+CURRENT_RUN = """
+SELECT id, status, input_seq, attempt, run_id FROM inputs
+WHERE session_id = $1 AND status IN ('queued', 'running') ORDER BY status = 'running' DESC, id LIMIT 1"""
+SET_CANCEL = "UPDATE inputs SET cancel_requested = TRUE WHERE id = $1"
+HAS_RUNNING = "SELECT EXISTS (SELECT 1 FROM inputs WHERE session_id = $1 AND status = 'running')"
+DROP_STATE = "UPDATE sessions SET team_state = NULL WHERE session_id = $1"
 COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'running') GROUP BY status"
 
 

@@ -15,7 +15,18 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from service.errors import StoreUnavailable
-from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session, utcnow
+from service.models import (
+    DEFAULT_MAX_INTERRUPTIONS,
+    Answer,
+    CancelRequest,
+    Claim,
+    Enqueued,
+    Entry,
+    NewEntry,
+    Page,
+    Session,
+    utcnow,
+)
 from service.queue import sqlite_ops as ops
 from service.queue import sqlite_queue as queue
 from service.queue.sqlite_conn import (
@@ -34,7 +45,13 @@ class SqliteStore:
     dialect: ClassVar[str] = "sqlite"
 
     def __init__(
-        self, path: str, *, synchronous: str = "FULL", clock: Clock = utcnow, exclusive: bool = False
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        clock: Clock = utcnow,
+        exclusive: bool = False,
+        max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
     ) -> None:
         """``exclusive``: this process is the file's only service (the server sets it). It takes an OS lock on
         ``<path>.lock`` and, since no other process can then hold a lease, re-queues every input left running by
@@ -44,6 +61,7 @@ class SqliteStore:
         self._lock: FileLock | None = None
         self.synchronous = check_synchronous(synchronous)
         self.clock = clock
+        self.max_interruptions = max_interruptions
         self._writer = Writer("sqlite-writer", path)
         self._reader = Reader("sqlite-reader", path)
         # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
@@ -74,7 +92,8 @@ class SqliteStore:
         if self.exclusive:
             now = self.clock()
             forever = now + timedelta(days=36500)
-            await self._writer.write(lambda c: queue.recover_expired(c, now, cutoff=forever))
+            cap = self.max_interruptions
+            await self._writer.write(lambda c: queue.recover_expired(c, now, cap, cutoff=forever))
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -174,9 +193,9 @@ class SqliteStore:
     async def cancel_requested(self, claim: Claim) -> bool:
         return await self._reader.read(lambda c: queue.cancel_requested(c, claim))
 
-    async def take_answer(self, claim: Claim) -> Answer | None:
+    async def take_answer(self, claim: Claim, index: int) -> Answer | None:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.take_answer(c, now, claim))
+        return await self._writer.write(lambda c: queue.take_answer(c, now, claim, index))
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()
@@ -200,13 +219,22 @@ class SqliteStore:
 
     async def recover_expired(self) -> list[Entry]:
         now = self.clock()
-        recovered = await self._writer.write(lambda c: queue.recover_expired(c, now))
+        cap = self.max_interruptions
+        recovered = await self._writer.write(lambda c: queue.recover_expired(c, now, cap))
         if recovered:
             self._work.set()
         return recovered
 
-    async def request_cancel(self, owner: str, session_id: str) -> bool:
-        return await self._writer.write(lambda c: queue.request_cancel(c, owner, session_id))
+    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+        now = self.clock()
+        done = await self._writer.write(lambda c: queue.request_cancel(c, now, owner, session_id))
+        if done.entry is not None:
+            self._work.set()  # the session's next input (if any) just became claimable
+        return done
+
+    async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        now = self.clock()
+        return await self._writer.write(lambda c: queue.reset_team_state(c, now, owner, session_id))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         return await self._reader.read(lambda c: ops.load_team_state(c, session_id))

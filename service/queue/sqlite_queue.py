@@ -10,20 +10,23 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from service.errors import LeaseLost, NotFound, QueueFull
+from service.errors import Conflict, LeaseLost, NotFound, QueueFull
 from service.models import (
     RUN_FAILED,
     USER_INPUT_REQUESTED,
     Answer,
+    CancelRequest,
     Claim,
     Enqueued,
     Entry,
     NewEntry,
     SessionStatus,
-    interrupted,
+    interruption,
     new_lease_token,
     new_run_id,
+    retry_cancelled,
     started,
+    team_reset,
 )
 from service.queue.sqlite_conn import stamp
 from service.queue.sqlite_ops import (
@@ -57,7 +60,7 @@ WHERE i.id = ? AND i.lease_token = ? AND i.status = 'running'"""
 DONE = """UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
 REQUEUE = """UPDATE inputs SET status = 'queued', attempt = attempt + 1, failures = failures + ?,
-not_before = ?, lease_token = NULL,
+interruptions = interruptions + ?, not_before = ?, lease_token = NULL,
 lease_expires_at = NULL, worker_id = NULL, cancel_requested = 0
 WHERE id = ? AND lease_token = ? AND status = 'running'"""
 HEARTBEAT = (
@@ -161,31 +164,48 @@ def cancel_requested(db: Db, claim: Claim) -> bool:
     return row is None or bool(row[0])
 
 
-def take_answer(db: Db, now: datetime, claim: Claim) -> Answer | None:
+ANSWERS = "SELECT input_seq, content FROM inputs WHERE answer_for = ? ORDER BY id LIMIT 1 OFFSET ?"
+OLDEST_QUEUED = (
+    "SELECT id, input_seq, content FROM inputs WHERE session_id = ? AND status = 'queued' ORDER BY id"
+)
+BIND_ANSWER = "UPDATE inputs SET status = 'done', answer_for = ? WHERE id = ?"
+
+
+def take_answer(db: Db, now: datetime, claim: Claim, index: int) -> Answer | None:
     fence(db, claim)
-    sql = """SELECT id, input_seq, content FROM inputs WHERE session_id = ? AND status = 'queued'
-    ORDER BY id LIMIT 1"""
-    row = db.execute(sql, (claim.session_id,)).fetchone()
+    row = db.execute(ANSWERS, (claim.input_id, index)).fetchone()
     if row is None:
-        return None
-    db.execute("UPDATE inputs SET status = 'done' WHERE id = ?", (row[0],))
+        (taken,) = db.execute(
+            "SELECT count(*) FROM inputs WHERE answer_for = ?", (claim.input_id,)
+        ).fetchone()
+        queued = db.execute(OLDEST_QUEUED, (claim.session_id,)).fetchone()
+        if taken != index or queued is None:
+            return None
+        db.execute(BIND_ANSWER, (claim.input_id, queued[0]))
+        row = queued[1:]
     set_status(db, claim.session_id, SessionStatus.RUNNING, now)
-    return Answer(int(row[1]), row[2])
+    return Answer(int(row[0]), row[1])
 
 
 def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
     if db.execute(DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
+    return _ended(db, now, claim.session_id, entry, claim.run_id, team_state)
+
+
+def _ended(
+    db: Db,
+    now: datetime,
+    session_id: str,
+    entry: NewEntry,
+    run_id: str | None,
+    team_state: dict[str, Any] | None = None,
+) -> Entry:
+    """Append the terminal ``entry`` of an input just marked done; the session is queued when more inputs
+    wait, else failed (a final run_failed) or idle."""
     status = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
     (done,) = append_entries(
-        db,
-        now,
-        claim.session_id,
-        [entry],
-        claim.run_id,
-        status=status,
-        queued_first=True,
-        team_state=team_state,
+        db, now, session_id, [entry], run_id, status=status, queued_first=True, team_state=team_state
     )
     return done
 
@@ -194,7 +214,7 @@ def requeue(
     db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool
 ) -> Entry:
     """retry() (failed) and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
-    args = (int(failed), not_before.timestamp(), claim.input_id, claim.lease_token)
+    args = (int(failed), 0, not_before.timestamp(), claim.input_id, claim.lease_token)
     if db.execute(REQUEUE, args).rowcount == 0:
         raise LeaseLost()
     status = SessionStatus.QUEUED
@@ -202,26 +222,58 @@ def requeue(
     return done
 
 
-def recover_expired(db: Db, now: datetime, cutoff: datetime | None = None) -> list[Entry]:
-    """Re-queue running inputs whose lease expired before ``cutoff`` (default now)."""
+def recover_expired(
+    db: Db, now: datetime, max_interruptions: int, cutoff: datetime | None = None
+) -> list[Entry]:
+    """Re-queue (or, at the interruption cap, end) running inputs whose lease expired before ``cutoff``."""
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
-    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token FROM inputs
+    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
     WHERE status = 'running' AND lease_expires_at < ?"""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token in sorted(
+    for input_id, session_id, input_seq, attempt, run_id, token, died in sorted(
         db.execute(sql, ((cutoff or now).timestamp(),))
     ):
-        db.execute(REQUEUE, (0, now.timestamp(), input_id, token))  # an interruption, not a failure
-        entry = interrupted(input_seq, attempt)
+        entry, final = interruption(input_seq, attempt, died, max_interruptions)
+        if final:
+            db.execute(DONE, (input_id, token))
+            recovered.append(_ended(db, now, session_id, entry, run_id))
+            continue
+        db.execute(REQUEUE, (0, 1, now.timestamp(), input_id, token))  # an interruption, not a failure
         recovered += append_entries(db, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
     return recovered
 
 
-def request_cancel(db: Db, owner: str, session_id: str) -> bool:
+# The session's current run: its running input, else an input queued again after a failure or an interruption
+# (attempt > 1) at the head of its queue. Inputs never started are not runs.
+CURRENT_RUN = """SELECT id, status, input_seq, attempt, run_id FROM inputs
+WHERE session_id = ? AND status IN ('queued', 'running') ORDER BY status = 'running' DESC, id LIMIT 1"""
+
+
+def request_cancel(db: Db, now: datetime, owner: str, session_id: str) -> CancelRequest:
     if owned(db, owner, session_id) is None:
-        return False
-    sql = "UPDATE inputs SET cancel_requested = 1 WHERE session_id = ? AND status = 'running'"
-    return db.execute(sql, (session_id,)).rowcount > 0
+        return CancelRequest()
+    row = db.execute(CURRENT_RUN, (session_id,)).fetchone()
+    if row is None:
+        return CancelRequest()
+    input_id, status, input_seq, attempt, run_id = row
+    if status == "running":
+        db.execute("UPDATE inputs SET cancel_requested = 1 WHERE id = ?", (input_id,))
+        return CancelRequest(running=True)
+    if attempt == 1:
+        return CancelRequest()
+    db.execute("UPDATE inputs SET status = 'done' WHERE id = ?", (input_id,))
+    return CancelRequest(entry=_ended(db, now, session_id, retry_cancelled(input_seq, attempt - 1), run_id))
+
+
+def reset_team_state(db: Db, now: datetime, owner: str, session_id: str) -> Entry | None:
+    if owned(db, owner, session_id) is None:
+        return None
+    sql = "SELECT 1 FROM inputs WHERE session_id = ? AND status = 'running'"
+    if db.execute(sql, (session_id,)).fetchone() is not None:
+        raise Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+    db.execute("DELETE FROM team_states WHERE session_id = ?", (session_id,))
+    (entry,) = append_entries(db, now, session_id, [team_reset()], None)
+    return entry
 
 
 def counts(db: Db) -> dict[str, int]:

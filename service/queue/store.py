@@ -21,6 +21,11 @@ Rules every backend keeps:
   ``failed`` after a final ``run_failed`` with nothing queued behind it, else ``idle``.
 * **Errors.** Driver errors become ``StoreUnavailable`` (unreachable, read-only, disk full, not a database),
   ``Conflict`` (duplicate ids) or ``IncompatibleDatabase`` (migrations from a newer version), ``from`` the original.
+* **Answers belong to their run.** ``take_answer`` binds the answer to the asking input until that input ends:
+  every later attempt of it (after a failure, a shutdown or a crash) gets the same answers in the same order.
+* **Interruptions are capped.** Recovery re-queues an input whose process died, until it died
+  ``max_interruptions`` times (the store's constructor argument): then it ends with a final ``run_failed``
+  (``models.interruption`` decides, for every backend).
 * **Time** comes from the ``clock`` the backend was built with (tests pass a fake one).
 """
 
@@ -30,7 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
-from service.models import Answer, Claim, Enqueued, Entry, NewEntry, Page, Session
+from service.models import Answer, CancelRequest, Claim, Enqueued, Entry, NewEntry, Page, Session
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
@@ -132,10 +137,11 @@ class Store(Protocol):
     async def cancel_requested(self, claim: Claim) -> bool:
         """True once ``request_cancel`` was called for this running input (from any process)."""
 
-    async def take_answer(self, claim: Claim) -> Answer | None:
-        """Human input: take the session's oldest queued input as the answer to the pending request. It is marked
-        done (it is already in the log) and the session goes back to ``running``. None when nothing is queued.
-        LeaseLost if fenced."""
+    async def take_answer(self, claim: Claim, index: int) -> Answer | None:
+        """Human input: the ``index``-th answer (0-based) of this claim's input. An answer an earlier attempt of
+        the same input already took is given again; otherwise the session's oldest queued input becomes it: it
+        is marked done (it is already in the log) and bound to this input (``inputs.answer_for``). The session
+        goes back to ``running``. None when there is no such answer yet. LeaseLost if fenced."""
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         """End the run: append ``entry`` (run_completed, run_cancelled or a final run_failed), mark the input done,
@@ -154,11 +160,19 @@ class Store(Protocol):
 
     async def recover_expired(self) -> list[Entry]:
         """For each running input whose lease expired (its process died): append ``run_interrupted`` (with
-        ``input_seq`` and ``attempt``) under that run's id, and re-queue the input with attempt + 1, claimable at
-        once. Returns the appended entries (to publish)."""
+        ``input_seq`` and ``attempt``) under that run's id, and re-queue the input with attempt + 1 and
+        interruptions + 1, claimable at once; at the interruption cap, end it with a final ``run_failed``
+        instead (``models.interruption``). Returns the appended entries (to publish)."""
 
-    async def request_cancel(self, owner: str, session_id: str) -> bool:
-        """Ask the running input of the session to stop. True when one was running; False otherwise."""
+    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+        """Ask the session's run to stop. A running input is flagged (``running``; its run writes the outcome).
+        An input waiting to be retried (queued again after a failure or an interruption, attempt > 1, at the
+        head of its session) is ended here: marked done with a ``run_cancelled`` entry (``entry``). Nothing
+        else is touched: inputs never started are not runs. Another owner's or a missing session: nothing."""
+
+    async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        """Forget the saved team state (the agents' memory) and append a ``team_reset`` entry; the log stays.
+        None when the session is missing or another owner's. Conflict while an input of it is running."""
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         """The team state saved by the last ``finish`` with a state, or None."""

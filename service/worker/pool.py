@@ -71,6 +71,8 @@ class WorkerPool:
         poll_interval_s: float = 1.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         grace_s: float = 10.0,
+        stop_timeout_s: float = 10.0,
+        stall_timeout_s: float = 0.0,
         worker_id: str | None = None,
         clock: Clock = utcnow,
         metrics: PoolMetrics | None = None,
@@ -83,7 +85,9 @@ class WorkerPool:
         self.metrics = metrics
         self.stats = PoolStats()
         self.failed: BaseException | None = None
-        self._deps = RunDeps(store, hub, teams, retry, clock, poll_interval_s)
+        self._deps = RunDeps(
+            store, hub, teams, retry, clock, poll_interval_s, stop_timeout_s, stall_timeout_s
+        )
         self._poll_interval_s = poll_interval_s
         # By run id: a fenced run of a session may still be winding down while its retry already runs.
         self._runs: dict[str, tuple[Run, asyncio.Task[None]]] = {}

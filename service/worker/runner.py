@@ -2,18 +2,25 @@
 
 The claim already committed the run's ``run_started`` entry and brought the saved state along, so the team
 starts without another round trip to the store. Every durable entry is appended (committed) before it is
-published to the hub; streaming chunks go out live only. The run stops through its CancellationToken only
-(AUTOGEN.md 5: nothing else stops model spending), for one of three reasons: the user cancelled, the pool is
-shutting down (the input goes back to the queue), or the lease was lost (another worker owns the input now:
-write nothing more).
+published to the hub; streaming chunks go out live only. The run stops through its CancellationToken (nothing
+else stops model spending), for one of four reasons: the user cancelled, the pool is shutting down (the input
+goes back to the queue), the lease was lost (another worker owns the input now: write nothing more), or the run
+made no progress for ``stall_timeout_s``.
+
+Every run ends in bounded time (README "Guarantees"): after the token is cancelled AutoGen gets
+``stop_timeout_s`` to end the run; a team that does not (autogen-agentchat 0.7.5 never ends a run cancelled
+while a tool executes: microsoft/autogen#7956) is abandoned and the runner writes the outcome itself.
+Errors are permanent or transient: a team that cannot be built or cannot load the session's state fails at once
+(retrying cannot help); an error during the run is retried with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,7 @@ from autogen_agentchat.agents import UserProxyAgent
 from autogen_agentchat.base import TaskResult, Team
 from autogen_agentchat.messages import (
     BaseChatMessage,
+    HandoffMessage,
     ModelClientStreamingChunkEvent,
     UserInputRequestedEvent,
 )
@@ -43,19 +51,33 @@ from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.worker.logs import error_line
 from service.worker.messages import chunk_frame, to_entry
-from service.worker.teams import TeamConfigError, TeamRegistry
+from service.worker.state import drop_delivered_buffers, prepare_state, resume_task
+from service.worker.teams import TeamRegistry
 
 log = logging.getLogger(__name__)
 
 # A waiting input_func re-checks for an answer at most this often when wake-ups come in fast (other sessions'
 # work also wakes ``wait_for_work``).
 MIN_ANSWER_RECHECK_S = 0.05
+# Bound on the small awaits into an abandoned (or any) team after its run: save_state, closing model clients.
+AFTER_RUN_TIMEOUT_S = 5.0
+# Runs AutoGen did not end when asked: kept referenced (never awaited) until they end by themselves.
+ABANDONED: set[asyncio.Future[Any]] = set()
 
 
 class StopReason(enum.Enum):
     CANCEL = "cancel"  # the user asked: run_cancelled
     INTERRUPT = "interrupt"  # shutdown: run_interrupted, the input is queued again
     LEASE_LOST = "lease_lost"  # fenced: write nothing
+    STALLED = "stalled"  # no output for stall_timeout_s: a final run_failed
+
+
+class StopTimedOut(Exception):
+    """AutoGen did not end the run within ``stop_timeout_s`` of its cancellation: the team was abandoned."""
+
+
+class PermanentError(Exception):
+    """The run cannot succeed by retrying (the team cannot be built, or cannot load this session's state)."""
 
 
 class Outcome(enum.StrEnum):
@@ -75,18 +97,8 @@ class RunDeps:
     retry: RetryPolicy
     clock: Clock
     poll_interval_s: float
-
-
-def prepare_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Every run answers a new user input, so a round-robin team starts it with its first participant.
-    (AutoGen would continue the rotation, which after a normal turn hands the new input to the user proxy.)"""
-    agents = {
-        name: {**agent, "next_speaker_index": 0}
-        if isinstance(agent, dict) and "next_speaker_index" in agent
-        else agent
-        for name, agent in dict(state.get("agent_states", {})).items()
-    }
-    return {**state, "agent_states": agents}
+    stop_timeout_s: float = 10.0
+    stall_timeout_s: float = 0.0  # 0: no stall detection
 
 
 def participants(team: Team) -> list[Any]:
@@ -102,7 +114,7 @@ async def close_model_clients(team: Team) -> None:
         client = getattr(owner, "_model_client", None)
         if isinstance(client, ChatCompletionClient):
             try:
-                await client.close()
+                await asyncio.wait_for(client.close(), AFTER_RUN_TIMEOUT_S)
             except Exception as exc:
                 log.warning("could not close a model client: %s", error_line(exc))
 
@@ -120,7 +132,11 @@ class Run:
         self.deps = deps
         self.token = CancellationToken()
         self.stop_reason: StopReason | None = None
+        self.abandoned = False  # AutoGen did not end the run when asked: the team object was given up
         self.waiting_for_input = False
+        self.answers_taken = 0  # answers this attempt got (the store gives earlier attempts' answers again)
+        self.last_progress = asyncio.get_running_loop().time()  # of the last item the team yielded
+        self._stop_asked = asyncio.Event()
         self.input_generation = 0  # +1 every time the input_func finds no answer and waits
         self.done = False
         self._poke = asyncio.Event()
@@ -136,6 +152,7 @@ class Run:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.token.cancel()
+        self._stop_asked.set()
 
     def poke(self) -> None:
         """Make a waiting input_func look for an answer now (deterministic tests, shutdown)."""
@@ -163,7 +180,9 @@ class Run:
         try:
             team = self.deps.teams.build(self.claim.team)
         except Exception as exc:
-            return await self._failed(exc, final=isinstance(exc, TeamConfigError))
+            return await self._failed(
+                PermanentError(f"team {self.claim.team!r} cannot be built: {error_line(exc)}")
+            )
         try:
             return await self._execute_team(team)
         finally:
@@ -172,20 +191,26 @@ class Run:
 
     async def _execute_team(self, team: Team) -> Outcome:
         try:
-            await self._prepare(team)
+            task = await self._prepare(team)
         except LeaseLost:
             raise
         except Exception as exc:
-            return await self._failed(exc, final=False)
+            return await self._failed(
+                PermanentError(
+                    f"team {self.claim.team!r} cannot load this session's saved state ({error_line(exc)}). "
+                    f"Reset the agents' memory with POST /sessions/{self.claim.session_id}/reset "
+                    "(the conversation log is kept), or start a new session."
+                )
+            )
         try:
-            result = await self._stream(team)
+            result = await self._stream(team, task)
         except LeaseLost:
             raise
         except (asyncio.CancelledError, Exception) as exc:
             if self.stop_reason is None:
                 if isinstance(exc, asyncio.CancelledError):
                     raise  # our own task was cancelled, not the run: let the caller see it
-                return await self._failed(exc, final=False)
+                return await self._failed(exc)
             return await self._stopped(team)
         if self.stop_reason is not None:  # cancelled at the very end (autogen#7100): honour the stop
             return await self._stopped(team)
@@ -195,37 +220,78 @@ class Run:
         self._publish([await self.deps.store.finish(self.claim, entry, state)])
         return Outcome.COMPLETED
 
-    async def _prepare(self, team: Team) -> None:
-        state = self.claim.team_state  # read by the claim's own transaction
-        if state is not None:
-            await team.load_state(prepare_state(state))
+    async def _prepare(self, team: Team) -> str | HandoffMessage:
+        """Load the state this run starts from (``state.prepare_state``) and wire the human input; the task."""
+        fresh = await team.save_state()
+        state = prepare_state(self.claim.team_state, fresh)  # the saved state came with the claim
+        await team.load_state(state)
         proxies = user_proxies(team)
         for proxy in proxies:
             # Not serialised in configs (a loaded proxy reads stdin); ours takes the session's next message.
             proxy.input_func = self._input_func
             proxy._is_async = True
         self._proxy_names = frozenset(p.name for p in proxies)
+        return resume_task(state, self.claim.content)
 
-    async def _stream(self, team: Team) -> TaskResult:
-        """Consume the run in an inner task: if OUR task is cancelled (a crash in tests, a hard stop), the
-        cancellation must reach AutoGen as a token cancel, or the stream's cleanup waits for the chat (and any
-        pending input) forever (AUTOGEN.md 4 D)."""
-        inner = asyncio.ensure_future(self._consume(team))
+    async def _stream(self, team: Team, task: str | HandoffMessage) -> TaskResult:
+        """Consume the run in an inner task, watched: a stop (cancel, shutdown, lease lost) or a stall cancels
+        the token and gives AutoGen ``stop_timeout_s`` to end; then the team is abandoned (StopTimedOut). If
+        OUR task is cancelled (a hard stop), the cancellation reaches AutoGen as a token cancel the same way."""
+        inner = asyncio.ensure_future(self._consume(team, task))
         try:
-            return await asyncio.shield(inner)
+            await self._watch(inner)
         except asyncio.CancelledError:
-            if not inner.done():
-                self.token.cancel()
-                await asyncio.gather(inner, return_exceptions=True)
+            self.token.cancel()
+            with contextlib.suppress(StopTimedOut):
+                await self._settle(inner)
             raise
+        if not inner.done():
+            await self._settle(inner)
+        return inner.result()
 
-    async def _consume(self, team: Team) -> TaskResult:
-        result: TaskResult | None = None
-        stream = team.run_stream(
-            task=self.claim.content, cancellation_token=self.token, output_task_messages=False
+    async def _watch(self, inner: asyncio.Future[TaskResult]) -> None:
+        """Until the run ends or is asked to stop; a run without output for ``stall_timeout_s`` (not counting
+        waits for a human) is stopped as stalled."""
+        loop = asyncio.get_running_loop()
+        stall_s = self.deps.stall_timeout_s
+        stop_asked: asyncio.Future[Any] = asyncio.ensure_future(self._stop_asked.wait())
+        watched: set[asyncio.Future[Any]] = {inner, stop_asked}
+        try:
+            while not inner.done() and not self._stop_asked.is_set():
+                if self.waiting_for_input:
+                    self.last_progress = loop.time()
+                timeout = None if stall_s <= 0 else max(0.0, self.last_progress + stall_s - loop.time())
+                await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                idle = loop.time() - self.last_progress
+                if stall_s > 0 and not inner.done() and not self.waiting_for_input and idle >= stall_s:
+                    log.warning("%s: no progress for %.0fs, stopping it", self.describe(), idle)
+                    self.stop(StopReason.STALLED)
+        finally:
+            stop_asked.cancel()
+
+    async def _settle(self, inner: asyncio.Future[TaskResult]) -> None:
+        """The token is cancelled: wait up to ``stop_timeout_s`` for AutoGen to end the run, else abandon it."""
+        done, _ = await asyncio.wait({inner}, timeout=self.deps.stop_timeout_s)
+        if done:
+            return
+        self.abandoned = True
+        log.warning(
+            "%s: the team did not stop within %.1fs of its cancellation; abandoning it (microsoft/autogen#7956)",
+            self.describe(),
+            self.deps.stop_timeout_s,
         )
+        inner.cancel()  # not awaited: it may never end (a tool that ignores cancellation)
+        ABANDONED.add(inner)
+        inner.add_done_callback(_forget_abandoned)
+        raise StopTimedOut()
+
+    async def _consume(self, team: Team, task: str | HandoffMessage) -> TaskResult:
+        result: TaskResult | None = None
+        loop = asyncio.get_running_loop()
+        stream = team.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
         try:
             async for item in stream:
+                self.last_progress = loop.time()
                 if isinstance(item, TaskResult):
                     result = item
                 elif isinstance(item, ModelClientStreamingChunkEvent):
@@ -267,8 +333,9 @@ class Run:
             with self.deps.hub.subscribe(self.claim.session_id) as doorbell:
                 while True:
                     doorbell.signal.clear()
-                    answer = await self.deps.store.take_answer(self.claim)
+                    answer = await self.deps.store.take_answer(self.claim, self.answers_taken)
                     if answer is not None:
+                        self.answers_taken += 1
                         return answer.content
                     await self._idle_until_woken(doorbell.signal)
         except LeaseLost:
@@ -276,6 +343,7 @@ class Run:
             raise
         finally:
             self.waiting_for_input = False
+            self.last_progress = asyncio.get_running_loop().time()  # a stall is counted from the answer on
 
     async def _idle_until_woken(self, doorbell: asyncio.Event) -> None:
         self.waiting_for_input = True
@@ -301,14 +369,23 @@ class Run:
         if self.stop_reason is StopReason.INTERRUPT:
             self._publish([await store.release(claim, interrupted(claim.input_seq, claim.attempt))])
             return Outcome.INTERRUPTED
-        # A fresh team loaded with this state works after a mid-turn cancel (AUTOGEN.md 5): keep what was said
+        if self.stop_reason is StopReason.STALLED:
+            idle = self.deps.stall_timeout_s
+            return await self._failed(
+                PermanentError(f"the run made no progress for {idle:g}s (stall_timeout_s) and was stopped")
+            )
+        # A fresh team loaded with this state works after a mid-turn cancel: keep what was said. Loading it
+        # repairs what the stop left unfinished (state.prepare_state).
         state = await _saved_state(team)
         entry = lifecycle(RUN_CANCELLED, "Run cancelled.", **self._details())
         self._publish([await store.finish(claim, entry, state)])
         return Outcome.CANCELLED
 
-    async def _failed(self, exc: BaseException, *, final: bool) -> Outcome:
+    async def _failed(self, exc: BaseException) -> Outcome:
+        """Write the failure: a transient error is retried with backoff until ``max_attempts`` failures, a
+        PermanentError ends the run at once. Either way the text names the error in one line."""
         error = error_line(exc)
+        final = isinstance(exc, PermanentError)
         # Failures, not attempts: interruptions (shutdowns, crashes) do not use up the retries of a failing run.
         failure = self.claim.failures + 1
         not_before = None if final else self.deps.retry.next_attempt_at(failure, self.deps.clock())
@@ -337,40 +414,19 @@ class Run:
         return {"input_seq": self.claim.input_seq, "attempt": self.claim.attempt}
 
 
-def drop_delivered_buffers(state: Mapping[str, Any]) -> dict[str, Any]:
-    """After a mid-turn cancel, the speaking agent's container still buffers the messages it had already added
-    to its model context (the buffer is cleared only when a turn completes), so loading the state would deliver
-    them twice. Drop such a buffer when its messages are the user messages at the end of the agent's context."""
-    agents = dict(state.get("agent_states", {}))
-    for name, container in agents.items():
-        if not isinstance(container, dict) or not container.get("message_buffer"):
-            continue
-        context = container.get("agent_state", {}).get("llm_context", {}).get("messages", [])
-        if _delivered(container["message_buffer"], context):
-            agents[name] = {**container, "message_buffer": []}
-    return {**state, "agent_states": agents}
-
-
-def _delivered(buffer: list[dict[str, Any]], context: list[dict[str, Any]]) -> bool:
-    tail = list(context)
-    while tail and tail[-1].get("type") != "UserMessage":
-        tail.pop()  # what the agent produced in the cancelled turn (a tool call, its result)
-    if len(tail) < len(buffer):
-        return False
-    added = tail[len(tail) - len(buffer) :]
-    return all(
-        isinstance(b.get("content"), str)
-        and (b.get("source"), b.get("content")) == (c.get("source"), c.get("content"))
-        for b, c in zip(buffer, added, strict=True)
-    )
-
-
 async def _saved_state(team: Team) -> dict[str, Any] | None:
+    """The team's state after a stop (bounded: the team may be abandoned), or None to keep the previous one."""
     try:
-        return drop_delivered_buffers(await team.save_state())
+        return drop_delivered_buffers(await asyncio.wait_for(team.save_state(), AFTER_RUN_TIMEOUT_S))
     except Exception as exc:  # the cancel still counts; the next run starts from the previous state
         log.warning("could not save the team state after a cancel: %s", error_line(exc))
         return None
+
+
+def _forget_abandoned(task: asyncio.Future[Any]) -> None:
+    ABANDONED.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("an abandoned run ended with %s", error_line(task.exception()))  # type: ignore[arg-type]
 
 
 async def _first(*aws: Any) -> bool:

@@ -23,11 +23,12 @@ from typing import Any
 import orjson
 from autogen_agentchat.agents import AssistantAgent, UserProxyAgent
 from autogen_agentchat.base import Team
-from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermination
+from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core.tools import FunctionTool
 
 from service.errors import ServiceError
+from service.worker.conditions import SourceTextMentionTermination
 from service.worker.demo_model import DemoChatCompletionClient
 from service.worker.tools import calculator
 
@@ -61,7 +62,7 @@ def default_team(chunk_delay_s: float = 0.03) -> RoundRobinGroupChat:
     )
     user = UserProxyAgent("user", description="The human user; asked when the assistant has a question.")
     # A normal reply ends with "[context: N]" and ends the run; a question does not: the user proxy speaks next.
-    termination = TextMentionTermination("[context:", sources=["assistant"]) | MaxMessageTermination(12)
+    termination = SourceTextMentionTermination("[context:", sources=["assistant"]) | MaxMessageTermination(12)
     return RoundRobinGroupChat([assistant, user], termination_condition=termination)
 
 
