@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -79,3 +80,18 @@ async def serve(config: Config) -> None:
     finally:
         await runner.cleanup()
         log.info("stopped")
+    await _leave_abandoned_runs()
+
+
+async def _leave_abandoned_runs() -> None:
+    """Runs AutoGen did not end when asked were abandoned (README "Guarantees"); their outcome is already in
+    the store. ``asyncio.run`` would wait for them (and for their tool threads) forever on the way out: give
+    them a moment, then exit without them."""
+    from service.worker.runner import ABANDONED
+
+    if ABANDONED:
+        await asyncio.wait(set(ABANDONED), timeout=1.0)
+    if ABANDONED:
+        log.warning("exiting with %d abandoned run(s) still inside their tools", len(ABANDONED))
+        logging.shutdown()
+        os._exit(0)
