@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -210,7 +210,11 @@ async def test_migrations_apply_once(db_path: str) -> None:
     assert await store.ping()
     await store.close()
     first = schema_snapshot(db_path)
-    assert [row[:2] for row in first if isinstance(row[0], int)] == [(1, "initial"), (2, "input_failures")]
+    assert [row[:2] for row in first if isinstance(row[0], int)] == [
+        (1, "initial"),
+        (2, "input_failures"),
+        (3, "answers_and_interruptions"),
+    ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes
     await store.close()
@@ -368,3 +372,45 @@ async def test_exclusive_store_locks_the_file_and_requeues_orphans_at_once(tmp_p
         assert again is not None and again.attempt == 2 and again.input_seq == 1
     finally:
         await third.close()
+
+
+async def test_a_version_2_database_is_upgraded_with_a_waiting_question(db_path: str) -> None:
+    """Migration 0003 on a database the previous version wrote: a run that was waiting for an answer when that
+    version died is re-queued, takes the answer queued meanwhile, and the answer stays bound to it (a retry gets
+    it again)."""
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        migrate(raw, load_migrations("sqlite")[:2])
+        now = "2026-11-24T10:00:00.000000+00:00"
+        raw.executescript(
+            f"""
+            INSERT INTO sessions VALUES ('s1', 'local', 'default', NULL, 'awaiting_input', 4, '{now}', '{now}');
+            INSERT INTO entries VALUES ('s1', 1, 'TextMessage', 'user', '"[[ask]] trip"', NULL, 'm1', '{{}}', '{now}');
+            INSERT INTO entries VALUES ('s1', 2, 'run_started', 'system', '"Run started."', 'r_old', NULL,
+                '{{"input_seq": 1, "attempt": 1}}', '{now}');
+            INSERT INTO entries VALUES ('s1', 3, 'UserInputRequestedEvent', 'user', '""', 'r_old', NULL, '{{}}',
+                '{now}');
+            INSERT INTO entries VALUES ('s1', 4, 'TextMessage', 'user', '"Lisbon"', NULL, 'm2', '{{}}', '{now}');
+            INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, lease_token,
+                lease_expires_at, worker_id, run_id, created_at)
+                VALUES ('s1', 1, '[[ask]] trip', 'running', 1, 0, 'tok', 1, 'w_old', 'r_old', '{now}');
+            INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at)
+                VALUES ('s1', 4, 'Lisbon', 'queued', 1, 0, '{now}');
+            """
+        )
+    store = SqliteStore(
+        db_path, exclusive=True
+    )  # the one process of this file: recovers the dead run at once
+    await store.open()
+    try:
+        claim = await store.claim("w", 30)
+        assert claim is not None and (claim.input_seq, claim.attempt) == (1, 2)
+        answer = await store.take_answer(claim, 0)
+        assert answer is not None and (answer.seq, answer.content) == (4, "Lisbon")
+        await store.release(claim, NewEntry("run_interrupted", "system", "stopped"))
+        again = await store.claim("w", 30)
+        assert again is not None and again.input_seq == 1
+        assert await store.take_answer(again, 0) == answer
+        assert await store.counts() == {"queued": 0, "running": 1}
+        assert (await store.enqueue("local", "s1", "dup", "m2")).duplicate  # idempotency kept
+    finally:
+        await store.close()
