@@ -280,7 +280,8 @@ class Run:
             self.describe(),
             self.deps.stop_timeout_s,
         )
-        inner.cancel()  # not awaited: it may never end (a tool that ignores cancellation)
+        # Neither awaited nor cancelled (cancelling AutoGen's runtime mid-tool corrupts its bookkeeping and
+        # logs errors): it ends by itself when the tool returns, and writes nothing more (fenced, see _consume).
         ABANDONED.add(inner)
         inner.add_done_callback(_forget_abandoned)
         raise StopTimedOut()
@@ -291,6 +292,8 @@ class Run:
         stream = team.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
         try:
             async for item in stream:
+                if self.abandoned:
+                    continue  # the outcome is written; whatever AutoGen still yields is not part of this run
                 self.last_progress = loop.time()
                 if isinstance(item, TaskResult):
                     result = item
