@@ -50,7 +50,7 @@ def utcnow() -> datetime:
 
 
 def iso(ts: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and a Z, as in PROTOCOL.md: 2026-11-24T10:00:00.123Z."""
+    """ISO 8601 UTC with milliseconds and a Z, as in the README's log entries: 2026-11-24T10:00:00.123Z."""
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
@@ -117,7 +117,7 @@ class Entry:
         }
         if self.type in LIFECYCLE_TYPES:
             # Lifecycle details (input_seq, attempt, stop_reason, error, retrying) also stand at the top level,
-            # where PROTOCOL.md names them; metadata keeps them too, so every entry has one shape.
+            # where the README's "Log entries" names them; metadata keeps them too, so every entry has one shape.
             for key, value in self.metadata.items():
                 body.setdefault(key, value)
         return body

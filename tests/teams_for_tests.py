@@ -204,7 +204,7 @@ def graph_team() -> GraphFlow:
 
 
 def single_agent_team() -> RoundRobinGroupChat:
-    """A single assistant, one reply per message (AUTOGEN.md 4 E)."""
+    """A single assistant, one reply per message."""
     return RoundRobinGroupChat([assistant()], max_turns=1)
 
 

@@ -1,4 +1,4 @@
-"""The offline demo model (PROTOCOL.md) and the calculator tool."""
+"""The offline demo model (README "The offline demo model") and the calculator tool."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ MODEL_INFO: dict[str, Any] = {
 
 
 class FakeOpenAI:
-    """Answers /v1/chat/completions in the streaming wire format (AUTOGEN.md 7), with a tool call on request."""
+    """Answers /v1/chat/completions in the streaming wire format of the OpenAI API, with a tool call on request."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str | None, dict[str, Any]]] = []

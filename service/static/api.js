@@ -1,4 +1,4 @@
-// HTTP side of the wire contract (PROTOCOL.md): sessions, history pages, the JWT token.
+// HTTP side of the wire contract (README "The protocol"): sessions, history pages, the JWT token.
 // Every failure becomes an ApiError carrying the canonical {"error": {"code", "message"}} body.
 
 const TOKEN_KEY = "chat.token";

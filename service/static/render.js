@@ -19,7 +19,7 @@ function formatTime(iso) {
   return Number.isNaN(d.getTime()) ? "" : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
-/** Lifecycle fields stand at the top level (PROTOCOL.md) and in metadata; read either. */
+/** Lifecycle fields stand at the top level (README "Log entries") and in metadata; read either. */
 function field(entry, name) {
   if (entry[name] !== undefined && entry[name] !== null) return entry[name];
   return entry.metadata ? entry.metadata[name] : undefined;

@@ -1,4 +1,4 @@
-"""The offline demo model of PROTOCOL.md: a deterministic ``ChatCompletionClient`` that needs no network.
+"""The offline demo model (README "The offline demo model"): a deterministic ``ChatCompletionClient`` that needs no network.
 
 Its reply to a user message X contains X and ends with ``[context: N]``, N being the number of user messages
 (``UserMessage`` with source ``user``) it was given, so anyone can see that a conversation's memory survived a

@@ -320,7 +320,7 @@ class Run:
     async def _input_func(self, prompt: str, cancellation_token: CancellationToken | None) -> str:
         request_id = UserProxyAgent.InputRequestContext.request_id()
         waiter = asyncio.ensure_future(self._wait_for_answer(request_id))
-        # REQUIRED (AUTOGEN.md 4): a waiting input_func that ignores the token makes cancel hang forever.
+        # REQUIRED: an input_func that ignores the token makes a cancel hang forever (AutoGen waits for it).
         self.token.link_future(waiter)
         if cancellation_token is not None and cancellation_token is not self.token:
             cancellation_token.link_future(waiter)
