@@ -41,6 +41,26 @@ async def test_session_lifecycle(client: Client) -> None:
     assert (await client.delete("/sessions/s1")).status == 404
 
 
+async def test_same_answers_on_every_backend(client: Client) -> None:
+    """Control characters in ids and titles are 400 everywhere; content keeps them; a duplicate is 409."""
+    bad_title = await client.post("/sessions", json={"session_id": "t1", "title": "a\x00b"})
+    assert bad_title.status == 400
+    assert (await bad_title.json())["error"]["code"] == "bad_request"
+    assert (await client.get("/sessions/t1")).status == 404
+    bad_id = await client.post("/sessions/t1/messages", json={"content": "hi", "client_msg_id": "m\x00"})
+    assert bad_id.status == 400
+    assert (await client.get("/sessions/t1")).status == 404  # nothing was created
+    kept = await client.post(
+        "/sessions/t1/messages", json={"content": "nul \x00 bell \x07", "client_msg_id": "m1"}
+    )
+    assert kept.status == 202
+    page = await (await client.get("/sessions/t1/messages")).json()
+    assert page["messages"][0]["content"] == "nul \x00 bell \x07"
+    again = await client.post("/sessions", json={"session_id": "t1"})
+    assert again.status == 409
+    assert (await again.json())["error"]["code"] == "conflict"
+
+
 async def test_conversation_over_http(client: Client) -> None:
     for i, text in enumerate(["one", "two", "three"], start=1):
         queued = await client.post(

@@ -10,16 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from service.config import SETTINGS, Config, ConfigError, add_arguments, load_config
+from service.config import SETTINGS, ConfigError, add_arguments, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_without_any_source(tmp_path: Path) -> None:
+    """With no source at all, every setting has the default of the settings table (what --help, the README
+    and config.toml document), not merely whatever the Config dataclass says."""
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     config = load_config(cli={}, env={}, config_file=empty)
-    assert config == Config()
+    for setting in SETTINGS:
+        expected = {} if setting.name == "teams" else setting.default
+        assert getattr(config, setting.name) == expected, setting.name
+    assert config.jwt_secret is None
+    # A few defaults the README promises in so many words.
+    assert (config.host, config.port, config.database) == ("127.0.0.1", 8080, "data/service.db")
+    assert (config.auth, config.sqlite_synchronous, config.max_page) == ("none", "FULL", 1000)
 
 
 def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:

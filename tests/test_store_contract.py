@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.errors import Conflict, LeaseLost, NotFound, QueueFull
+from service.errors import BadRequest, Conflict, LeaseLost, NotFound, QueueFull
 from service.models import (
     RUN_CANCELLED,
     RUN_COMPLETED,
@@ -377,12 +377,22 @@ async def test_enqueue_into_another_owners_session_is_not_found(store: Store) ->
     assert await store.counts() == {"queued": 1, "running": 0}
 
 
+async def parked(store: Store, timeout_s: float = 3600) -> asyncio.Task[None]:
+    """A ``wait_for_work`` waiter that has looked for claimable work, found none, and is now waiting to be
+    woken. Every backend orders that look with the writes submitted after it, and the probe claim below is
+    one: once it returned, the waiter has had its answer; a waiter that returned anyway (a no-op
+    wait_for_work) is caught here."""
+    waiter = asyncio.create_task(store.wait_for_work(timeout_s))
+    await asyncio.sleep(0)  # the waiter submits its look
+    assert await store.claim("probe", LEASE_S) is None
+    assert not waiter.done(), "wait_for_work returned with nothing to do"
+    return waiter
+
+
 async def test_wait_for_work_wakes_on_enqueue(store: Store) -> None:
-    waiter = asyncio.create_task(store.wait_for_work(30))
-    for _ in range(20):
-        await asyncio.sleep(0)  # let the waiter park; the assertion below does not depend on it
+    waiter = await parked(store)
     await store.enqueue(ALICE, "s1", "wake up", None)
-    await asyncio.wait_for(waiter, 10)
+    await asyncio.wait_for(waiter, 10)  # woken: its own look happened before the enqueue
 
 
 async def test_wait_for_work_wakes_when_finish_unblocks_a_session(store: Store) -> None:
@@ -391,15 +401,82 @@ async def test_wait_for_work_wakes_when_finish_unblocks_a_session(store: Store) 
     await store.enqueue(ALICE, "s1", "one", None)
     await store.enqueue(ALICE, "s1", "two", None)
     claim = await claim_one(store)
-    waiter = asyncio.create_task(store.wait_for_work(30))
-    for _ in range(20):
-        await asyncio.sleep(0)
+    waiter = await parked(store)
     await store.finish(claim, completed(), None)
     await asyncio.wait_for(waiter, 10)
 
 
-async def test_wait_for_work_times_out(store: Store) -> None:
-    await asyncio.wait_for(store.wait_for_work(0.01), 10)
+async def test_wait_for_work_returns_at_once_when_work_is_claimable(store: Store) -> None:
+    """The same answer on every backend: nothing to wait for when a claim would succeed now."""
+    await store.enqueue(ALICE, "s1", "ready", None)
+    await asyncio.wait_for(store.wait_for_work(3600), 10)
+    claim = await claim_one(store)
+    waiter = await parked(store)  # the only input runs: nothing claimable, so it waits
+    await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    await asyncio.wait_for(waiter, 10)
+
+
+async def test_wait_for_work_waits_then_times_out(store: Store) -> None:
+    waiter = await parked(store)  # with nothing to do it waits (a no-op would fail here)...
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.wait_for(store.wait_for_work(0.05), 10)  # ...and a short timeout ends the wait
+
+
+# --- one contract: the same answer on every backend -------------------------------------------------
+CONTROL_CHARS = ["\x00", "\n", "\t", "\x1f", "\x7f"]
+
+
+@pytest.mark.parametrize("char", CONTROL_CHARS, ids=["nul", "newline", "tab", "us", "del"])
+async def test_labels_with_control_characters_are_refused(store: Store, char: str) -> None:
+    """Ids and titles holding a control character are BadRequest on every backend, and nothing is written."""
+    bad = f"a{char}b"
+    await store.enqueue(ALICE, "s1", "fine", "m1")
+    calls = [
+        store.create_session(ALICE, bad, "default", None),
+        store.create_session(ALICE, "s2", "default", bad),
+        store.create_session(ALICE, None, "default", bad),
+        store.enqueue(ALICE, "s1", "hello", bad),
+        store.enqueue(ALICE, bad, "hello", None),
+        store.get_session(ALICE, bad),
+        store.read_log(bad),
+        store.set_cursor("s1", bad, 1),
+        store.get_cursor("s1", bad),
+        store.set_cursor(bad, "phone", 1),
+        store.delete_session(ALICE, bad),
+        store.request_cancel(ALICE, bad),
+        store.reset_team_state(ALICE, bad),
+        store.load_team_state(bad),
+    ]
+    for call in calls:
+        with pytest.raises(BadRequest, match="control characters"):
+            await call
+    assert [s.session_id for s in await store.list_sessions(ALICE)] == ["s1"]
+    assert await seqs(store, "s1") == [1]
+    assert await store.counts() == {"queued": 1, "running": 0}
+
+
+async def test_content_keeps_every_character(store: Store) -> None:
+    text = "nul \x00 newline \n tab \t bell \x07 del \x7f emoji \U0001f600 rtl \u202e"
+    done = await store.enqueue(ALICE, "s1", text, "m1")
+    claim = await claim_one(store)
+    assert claim.content == text
+    await store.append(claim, [NewEntry("TextMessage", "assistant", text, {"echo": text})])
+    await store.finish(claim, completed(), {"said": text})
+    user, _, reply, _ = (await store.read_log("s1")).messages
+    assert (user.seq, user.content) == (done.seq, text)
+    assert (reply.content, reply.metadata) == (text, {"echo": text})
+    assert await store.load_team_state("s1") == {"said": text}
+
+
+async def test_queue_full_says_the_same_everywhere(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", None, max_queued=2)
+    await store.enqueue(ALICE, "s1", "two", None, max_queued=2)
+    with pytest.raises(QueueFull) as refused:
+        await store.enqueue(ALICE, "s1", "three", None, max_queued=2)
+    assert refused.value.message == "session 's1' already has 2 queued inputs (limit 2)"
+    assert (refused.value.code, refused.value.status) == ("queue_full", 429)
 
 
 # --- claim ----------------------------------------------------------------------------------------
@@ -922,3 +999,22 @@ async def test_reopen_finds_everything(
         states = {c.session_id: c.team_state for c in (first, second)}
         assert states == {"a": {"memory": ["one"]}, "b": None}
         assert (await again.enqueue(ALICE, "a", "three", None)).seq == 7  # 6: the claim's run_started
+
+
+# --- driver errors: one vocabulary at every edge ----------------------------------------------------
+def test_driver_errors_translate_to_the_same_service_errors() -> None:
+    """A unique violation is Conflict (409) on both SQL dialects, a value the database refuses is BadRequest,
+    anything else from the driver StoreUnavailable (503)."""
+    import sqlite3
+
+    import asyncpg
+
+    from service.errors import StoreUnavailable
+    from service.queue.postgres_schema import translate as pg_translate
+    from service.queue.sqlite_conn import translate as sqlite_translate
+
+    assert isinstance(sqlite_translate(sqlite3.IntegrityError("UNIQUE constraint failed"), "x.db"), Conflict)
+    assert isinstance(pg_translate(asyncpg.UniqueViolationError("duplicate key")), Conflict)
+    assert isinstance(pg_translate(asyncpg.UntranslatableCharacterError("\\u0000")), BadRequest)
+    assert isinstance(pg_translate(ConnectionResetError("gone")), StoreUnavailable)
+    assert isinstance(sqlite_translate(sqlite3.OperationalError("disk I/O error"), "x.db"), StoreUnavailable)

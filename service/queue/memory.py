@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from service.errors import Conflict, LeaseLost, NotFound, QueueFull
+from service.errors import Conflict, LeaseLost, NotFound
 from service.models import (
     DEFAULT_MAX_INTERRUPTIONS,
     RUN_FAILED,
@@ -44,6 +44,7 @@ from service.models import (
     team_reset,
     utcnow,
 )
+from service.queue import rules
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
 
 QUEUED = "queued"
@@ -150,6 +151,7 @@ class MemoryStore:
     async def create_session(
         self, owner: str, session_id: str | None, team: str, title: str | None
     ) -> Session:
+        rules.check_labels(session_id=session_id, title=title)
         async with self._lock:
             if session_id is None:
                 session_id = self._new_session_id()
@@ -158,6 +160,7 @@ class MemoryStore:
             return self._public(self._create(owner, session_id, team, title))
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
+        rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._owned(owner, session_id)
             return None if row is None else self._public(row)
@@ -173,6 +176,7 @@ class MemoryStore:
             return [self._public(r) for r in rows]
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
+        rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._owned(owner, session_id)
             if row is None:
@@ -191,6 +195,7 @@ class MemoryStore:
         before: int | None = None,
         limit: int = DEFAULT_PAGE,
     ) -> Page:
+        rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._sessions.get(session_id)
             log = [] if row is None else row.log
@@ -207,11 +212,13 @@ class MemoryStore:
             return Page(session_id, [_copy_entry(e) for e in chunk], len(log), has_more)
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
+        rules.check_labels(session_id=session_id, client_id=client_id)
         async with self._lock:
             row = self._sessions.get(session_id)
             return None if row is None else row.cursors.get(client_id)
 
     async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
+        rules.check_labels(session_id=session_id, client_id=client_id)
         async with self._lock:
             row = self._sessions.get(session_id)
             if row is None:
@@ -231,6 +238,7 @@ class MemoryStore:
         team: str = "default",
         max_queued: int | None = None,
     ) -> Enqueued:
+        rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         async with self._lock:
             row = self._sessions.get(session_id)
             if row is None:
@@ -239,8 +247,8 @@ class MemoryStore:
                 raise NotFound(f"session {session_id!r} not found")
             if client_msg_id is not None and client_msg_id in row.msg_ids:
                 return Enqueued(session_id, row.msg_ids[client_msg_id], client_msg_id, True, None)
-            if max_queued is not None and self._queued_in(row) >= max_queued:
-                raise QueueFull()
+            if max_queued is not None and (queued := self._queued_in(row)) >= max_queued:
+                raise rules.queue_full(session_id, queued, max_queued)
             entry = self._append(row, NewEntry("TextMessage", "user", content), None, client_msg_id)
             if client_msg_id is not None:
                 row.msg_ids[client_msg_id] = entry.seq
@@ -368,6 +376,7 @@ class MemoryStore:
             return out
 
     async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+        rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._owned(owner, session_id)
             if row is None or not row.pending:
@@ -382,6 +391,7 @@ class MemoryStore:
             return CancelRequest(entry=_copy_entry(entry))
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._owned(owner, session_id)
             if row is None:
@@ -392,6 +402,7 @@ class MemoryStore:
             return _copy_entry(self._append(row, team_reset(), None, None))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
+        rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._sessions.get(session_id)
             return None if row is None or row.state is None else _clone(row.state)

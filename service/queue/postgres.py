@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from service.errors import Conflict, LeaseLost, NotFound, QueueFull
+from service.errors import Conflict, LeaseLost, NotFound
 from service.models import (
     RUN_FAILED,
     USER_INPUT_REQUESTED,
@@ -38,6 +38,7 @@ from service.models import (
     team_reset,
 )
 from service.queue import postgres_sql as q
+from service.queue import rules
 from service.queue.postgres_base import PostgresBase
 
 _CLAIM_TRIES = 5
@@ -57,6 +58,7 @@ class PostgresStore(PostgresBase):
         team: str = "default",
         max_queued: int | None = None,
     ) -> Enqueued:
+        rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         now = self._clock()
         async with self._tx() as conn:
             await conn.execute(q.INSERT_SESSION, session_id, owner, team, None, now)
@@ -67,11 +69,10 @@ class PostgresStore(PostgresBase):
                 seq = await conn.fetchval(q.FIND_CLIENT_MSG, session_id, client_msg_id)
                 if seq is not None:
                     return Enqueued(session_id, seq, client_msg_id, True, None)
-            if (
-                max_queued is not None
-                and await conn.fetchval(q.COUNT_QUEUED_IN_SESSION, session_id) >= max_queued
-            ):
-                raise QueueFull()
+            if max_queued is not None:
+                queued = await conn.fetchval(q.COUNT_QUEUED_IN_SESSION, session_id)
+                if queued >= max_queued:
+                    raise rules.queue_full(session_id, queued, max_queued)
             busy = session["status"] in (SessionStatus.RUNNING.value, SessionStatus.AWAITING_INPUT.value)
             user_msg = NewEntry(type="TextMessage", source="user", content=content)
             status = None if busy else SessionStatus.QUEUED
@@ -84,7 +85,11 @@ class PostgresStore(PostgresBase):
         return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
 
     async def wait_for_work(self, timeout_s: float) -> None:
-        await self.notifier.wait_for_work(timeout_s)
+        await self.notifier.wait_for_work(timeout_s, self._has_claimable)
+
+    async def _has_claimable(self) -> bool:
+        async with self._conn() as conn:
+            return bool(await conn.fetchval(q.HAS_CLAIMABLE, self._clock()))
 
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
         now = self._clock()
@@ -260,6 +265,7 @@ class PostgresStore(PostgresBase):
         return recovered
 
     async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+        rules.check_labels(session_id=session_id)
         async with self._tx() as conn:
             session = await conn.fetchrow(q.LOCK_SESSION, session_id)
             if session is None or session["owner"] != owner:
@@ -280,6 +286,7 @@ class PostgresStore(PostgresBase):
         return done
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        rules.check_labels(session_id=session_id)
         async with self._tx() as conn:
             session = await conn.fetchrow(q.LOCK_SESSION, session_id)
             if session is None or session["owner"] != owner:

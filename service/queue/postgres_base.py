@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from service.errors import BadRequest, Conflict, ServiceError, StoreUnavailable
+from service.errors import Conflict, ServiceError, StoreUnavailable
 from service.models import (
     DEFAULT_MAX_INTERRUPTIONS,
     Entry,
@@ -23,17 +23,17 @@ from service.models import (
     utcnow,
 )
 from service.queue import postgres_sql as q
-from service.queue import safe_url
+from service.queue import rules, safe_url
 from service.queue.migrate import load_migrations, pending
 from service.queue.postgres_notify import Notifier
 from service.queue.postgres_outbox import Outbox
 from service.queue.postgres_schema import (
-    BAD_INPUT_ERRORS,
     CONNECT_TIMEOUT_S,
     DRIVER_ERRORS,
     applied_versions,
     init_connection,
     migrate,
+    translate,
 )
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
 
@@ -109,10 +109,8 @@ class PostgresBase:
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 yield conn
-        except BAD_INPUT_ERRORS as exc:
-            raise BadRequest(f"the database cannot store this value: {exc}") from exc
         except DRIVER_ERRORS as exc:
-            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+            raise translate(exc) from exc
 
     @asynccontextmanager
     async def _tx(self, **options: Any) -> AsyncIterator[Any]:
@@ -137,6 +135,7 @@ class PostgresBase:
     async def create_session(
         self, owner: str, session_id: str | None, team: str, title: str | None
     ) -> Session:
+        rules.check_labels(session_id=session_id, title=title)
         sid = session_id if session_id is not None else new_session_id()
         async with self._tx() as conn:
             row = await conn.fetchrow(q.INSERT_SESSION, sid, owner, team, title, self._clock())
@@ -145,6 +144,7 @@ class PostgresBase:
         return q.session_of(row)
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
+        rules.check_labels(session_id=session_id)
         async with self._conn() as conn:
             row = await conn.fetchrow(q.GET_SESSION, session_id, owner)
         return None if row is None else q.session_of(row)
@@ -154,6 +154,7 @@ class PostgresBase:
             return [q.session_of(row) for row in await conn.fetch(q.LIST_SESSIONS, owner)]
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
+        rules.check_labels(session_id=session_id)
         async with self._tx() as conn:
             deleted = await conn.fetchval(q.DELETE_SESSION, session_id, owner) is not None
             if deleted:
@@ -169,6 +170,7 @@ class PostgresBase:
         before: int | None = None,
         limit: int = DEFAULT_PAGE,
     ) -> Page:
+        rules.check_labels(session_id=session_id)
         limit = max(0, limit)  # callers clamp to 1..MAX_PAGE
         # One snapshot: last_seq and the page agree.
         async with self._tx(isolation="repeatable_read", readonly=True) as conn:
@@ -186,16 +188,19 @@ class PostgresBase:
         return Page(session_id, [q.entry_of(r) for r in rows], last_seq, has_more)
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
+        rules.check_labels(session_id=session_id, client_id=client_id)
         async with self._conn() as conn:
             value = await conn.fetchval(q.GET_CURSOR, session_id, client_id)
         return None if value is None else int(value)
 
     async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
+        rules.check_labels(session_id=session_id, client_id=client_id)
         async with self._tx() as conn:
             value = await conn.fetchval(q.SET_CURSOR, session_id, client_id, seq)
         return 0 if value is None else int(value)
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
+        rules.check_labels(session_id=session_id)
         async with self._conn() as conn:
             state: dict[str, Any] | None = await conn.fetchval(q.LOAD_STATE, session_id)
         return state

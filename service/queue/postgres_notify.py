@@ -63,8 +63,11 @@ class Notifier:
         self._work.set()
         self._work = asyncio.Event()
 
-    async def wait_for_work(self, timeout_s: float) -> None:
-        event = self._work
+    async def wait_for_work(self, timeout_s: float, claimable: Callable[[], Awaitable[bool]]) -> None:
+        """Return at once when ``claimable()`` says so, else at the next wake-up or after ``timeout_s``."""
+        event = self._work  # taken before the check: a wake-up during it is not missed
+        if await claimable():
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
 

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from service.errors import BadRequest, Conflict, ServiceError, StoreUnavailable
 from service.queue.migrate import Migration, load_migrations, pending
 
 # Any two instances migrating at once serialise on this session-level lock (an arbitrary fixed key).
@@ -29,6 +30,16 @@ BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,  # SQLSTATE class 22, from the server
     asyncpg.exceptions._base.DataError,  # refused by asyncpg before sending
 )
+
+
+def translate(exc: BaseException) -> ServiceError:
+    """A driver error as the service's own error (the vocabulary of service/errors.py, as SQLite's)."""
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return Conflict(f"conflict: {exc}")
+    if isinstance(exc, BAD_INPUT_ERRORS):
+        return BadRequest(f"the database cannot store this value: {exc}")
+    return StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}")
+
 
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -70,6 +70,14 @@ WHERE i.status = 'queued' AND i.not_before <= $1 AND s.status NOT IN ('running',
     SELECT 1 FROM inputs o WHERE o.session_id = i.session_id AND o.status = 'queued' AND o.id < i.id)
 ORDER BY i.id LIMIT 1
 FOR NO KEY UPDATE OF s SKIP LOCKED"""
+# wait_for_work: is anything claimable now (the same rule as PICK_SESSION, without taking anything).
+HAS_CLAIMABLE = """
+SELECT EXISTS (
+  SELECT 1 FROM inputs i
+  WHERE i.status = 'queued' AND i.not_before <= $1
+    AND NOT EXISTS (SELECT 1 FROM inputs r WHERE r.session_id = i.session_id AND r.status = 'running')
+    AND NOT EXISTS (
+      SELECT 1 FROM inputs o WHERE o.session_id = i.session_id AND o.status = 'queued' AND o.id < i.id))"""
 # Re-checked under the session row lock: the head of the session's queue, if due and nothing runs.
 SESSION_HEAD = """
 SELECT i.id FROM inputs i

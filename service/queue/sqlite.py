@@ -27,6 +27,7 @@ from service.models import (
     Session,
     utcnow,
 )
+from service.queue import rules
 from service.queue import sqlite_ops as ops
 from service.queue import sqlite_queue as queue
 from service.queue.sqlite_conn import (
@@ -125,27 +126,33 @@ class SqliteStore:
     async def create_session(
         self, owner: str, session_id: str | None, team: str, title: str | None
     ) -> Session:
+        rules.check_labels(session_id=session_id, title=title)
         now = self.clock()
         return await self._writer.write(lambda c: ops.create_session(c, now, owner, session_id, team, title))
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
+        rules.check_labels(session_id=session_id)
         return await self._reader.read(lambda c: ops.owned(c, owner, session_id))
 
     async def list_sessions(self, owner: str) -> list[Session]:
         return await self._reader.read(lambda c: ops.list_sessions(c, owner))
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
+        rules.check_labels(session_id=session_id)
         return await self._writer.write(lambda c: ops.delete_session(c, owner, session_id))
 
     async def read_log(
         self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = 100
     ) -> Page:
+        rules.check_labels(session_id=session_id)
         return await self._reader.read(lambda c: ops.read_log(c, session_id, after, before, limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
+        rules.check_labels(session_id=session_id, client_id=client_id)
         return await self._reader.read(lambda c: ops.get_cursor(c, session_id, client_id))
 
     async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
+        rules.check_labels(session_id=session_id, client_id=client_id)
         return await self._writer.write(lambda c: ops.set_cursor(c, session_id, client_id, seq))
 
     # --- queue ---
@@ -159,6 +166,7 @@ class SqliteStore:
         team: str = "default",
         max_queued: int | None = None,
     ) -> Enqueued:
+        rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         now = self.clock()
         done = await self._writer.write(
             lambda c: queue.enqueue(c, now, owner, session_id, content, client_msg_id, team, max_queued)
@@ -169,10 +177,11 @@ class SqliteStore:
 
     async def wait_for_work(self, timeout_s: float) -> None:
         # The timeout is also the fallback for work this process cannot see coming: another process's enqueue,
-        # or a retry's not_before passing.
+        # or a retry's not_before passing. The check goes through the writer, so it is ordered with every
+        # write submitted before or after it: a write that comes later wakes us rather than being found here.
         if not self._work.is_set():
             now = self.clock()
-            if await self._reader.read(lambda c: queue.has_claimable(c, now)):
+            if await self._writer.write(lambda c: queue.has_claimable(c, now)):
                 return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work.wait(), timeout_s)
@@ -226,6 +235,7 @@ class SqliteStore:
         return recovered
 
     async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+        rules.check_labels(session_id=session_id)
         now = self.clock()
         done = await self._writer.write(lambda c: queue.request_cancel(c, now, owner, session_id))
         if done.entry is not None:
@@ -233,10 +243,12 @@ class SqliteStore:
         return done
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
+        rules.check_labels(session_id=session_id)
         now = self.clock()
         return await self._writer.write(lambda c: queue.reset_team_state(c, now, owner, session_id))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
+        rules.check_labels(session_id=session_id)
         return await self._reader.read(lambda c: ops.load_team_state(c, session_id))
 
     async def counts(self) -> dict[str, int]:

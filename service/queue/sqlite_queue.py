@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from service.errors import Conflict, LeaseLost, NotFound, QueueFull
+from service.errors import Conflict, LeaseLost, NotFound
 from service.models import (
     RUN_FAILED,
     USER_INPUT_REQUESTED,
@@ -28,6 +28,7 @@ from service.models import (
     started,
     team_reset,
 )
+from service.queue import rules
 from service.queue.sqlite_conn import stamp
 from service.queue.sqlite_ops import (
     Db,
@@ -95,7 +96,7 @@ def enqueue(
         sql = "SELECT count(*) FROM inputs WHERE session_id = ? AND status = 'queued'"
         (queued,) = db.execute(sql, (session_id,)).fetchone()
         if queued >= max_queued:
-            raise QueueFull(f"session {session_id!r} already has {queued} queued inputs (limit {max_queued})")
+            raise rules.queue_full(session_id, queued, max_queued)
     # A running (or awaiting) session stays so; an idle or failed one now has work waiting.
     status = SessionStatus.QUEUED if row[1] in (SessionStatus.IDLE, SessionStatus.FAILED) else None
     user = NewEntry("TextMessage", "user", content)

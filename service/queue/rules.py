@@ -1,0 +1,55 @@
+"""The queue's rules, each decided once (README "Storage and durability", "The one contract").
+
+The memory store calls these functions; the two SQL dialects mirror them in statements that carry the same
+names (``CLAIMABLE``, ``STATUS_AFTER_END``, ...), and the contract suite checks that all three agree. Pure
+functions only: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+
+from service.errors import BadRequest, QueueFull
+from service.models import RUN_FAILED, SessionStatus
+
+# C0 controls (NUL included) and DEL. PostgreSQL's text cannot hold NUL at all, and a control character in an
+# id or a title is never what a client meant: refused everywhere, so every backend answers the same.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_label(value: str | None, what: str) -> None:
+    """An id (session, client, client_msg_id) or a title: BadRequest when it holds a control character.
+    Message content is not a label: it keeps every character."""
+    if value is not None and _CONTROL.search(value):
+        raise BadRequest(f"{what} must not contain control characters (NUL, newline, tab, ...)")
+
+
+def check_labels(**labels: str | None) -> None:
+    """``check_label`` for each keyword (its name is the label's name in the message)."""
+    for what, value in labels.items():
+        check_label(value, what)
+
+
+def queue_full(session_id: str, queued: int, limit: int) -> QueueFull:
+    """The one QueueFull every backend raises when ``queued`` inputs wait and ``limit`` is reached."""
+    return QueueFull(f"session {session_id!r} already has {queued} queued inputs (limit {limit})")
+
+
+def status_after_enqueue(current: SessionStatus) -> SessionStatus:
+    """A running or awaiting session stays so; an idle, failed or queued one now has work waiting."""
+    if current in (SessionStatus.RUNNING, SessionStatus.AWAITING_INPUT):
+        return current
+    return SessionStatus.QUEUED
+
+
+def status_after_end(entry_type: str, more_queued: bool) -> SessionStatus:
+    """An input ended (done): queued when more inputs wait, else failed (a final run_failed) or idle."""
+    if more_queued:
+        return SessionStatus.QUEUED
+    return SessionStatus.FAILED if entry_type == RUN_FAILED else SessionStatus.IDLE
+
+
+def is_run(status: str, attempt: int) -> bool:
+    """Whether a session's head input is a run ``request_cancel`` can end: a running input, or one queued again
+    after a failure or an interruption (attempt > 1). Inputs never started are not runs."""
+    return status == "running" or attempt > 1
