@@ -22,12 +22,19 @@ class FakeClock:
 
     def __init__(self) -> None:
         self.now = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
+        self._made = datetime.now(UTC)
 
     def __call__(self) -> datetime:
         return self.now
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+
+    def db_offset(self) -> float:
+        """For PostgreSQL, which judges time by the database's clock (README "Deploying on PostgreSQL"): the
+        seconds to add to that clock so it reads this one's time plus the real time elapsed since this clock
+        was made. Steady between advances, so the database's clock never runs backwards."""
+        return (self.now - self._made).total_seconds()
 
 
 @pytest.fixture
@@ -58,7 +65,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
     """An opened store of each backend, on the fake clock."""
     with backend_url(request.param, tmp_path) as url:
         request.node.stash[STORE_URL] = url
-        s = open_store(url, clock=clock)
+        s = open_store(url, clock=clock, db_clock_offset=clock.db_offset)
         await s.open()
         try:
             yield s

@@ -84,7 +84,7 @@ class World:
         self.url, self.clock = url, clock
         self.hub = Hub()
         self.teams = TeamRegistry(TEAMS)
-        self.store: Store = open_store(url, clock=clock)
+        self.store: Store = open_store(url, clock=clock, db_clock_offset=clock.db_offset)
         self.pools: list[WorkerPool] = []
 
     def use_teams(self, **builders: TeamBuilder) -> None:

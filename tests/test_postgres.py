@@ -36,7 +36,7 @@ def pg_url() -> Iterator[str]:
 
 @asynccontextmanager
 async def instances(url: str, clock: FakeClock, n: int = 2) -> AsyncIterator[list[PostgresStore]]:
-    stores = [PostgresStore(url, clock=clock) for _ in range(n)]
+    stores = [PostgresStore(url, clock=clock, db_clock_offset=clock.db_offset) for _ in range(n)]
     try:
         await asyncio.gather(*(s.open() for s in stores))
         yield stores

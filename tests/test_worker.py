@@ -32,7 +32,7 @@ class World:
         self.url, self.clock = url, clock
         self.hub = Hub()
         self.teams = TeamRegistry({"default": partial(default_team, 0.0)})
-        self.store: Store = open_store(url, clock=clock)
+        self.store: Store = open_store(url, clock=clock, db_clock_offset=clock.db_offset)
 
     async def reopen(self) -> None:
         """A restart: a new store object on the same database (SQLite only: memory would forget)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from service.errors import BadRequest
@@ -27,10 +28,13 @@ def open_store(
     sqlite_synchronous: str = "FULL",
     exclusive: bool = False,
     max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+    db_clock_offset: Callable[[], float] | None = None,
 ) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
     ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore).
-    ``max_interruptions``: deaths of the process while running one input before recovery ends it (0: no cap)."""
+    ``max_interruptions``: deaths of the process while running one input before recovery ends it (0: no cap).
+    ``db_clock_offset``: PostgreSQL judges time by the database's clock (README "Deploying on PostgreSQL");
+    tests that drive ``clock`` by hand pass the seconds to add to it (None: none)."""
     if url.startswith("memory://"):
         from service.queue.memory import MemoryStore
 
@@ -38,7 +42,9 @@ def open_store(
     if url.startswith(("postgresql://", "postgres://")):
         from service.queue.postgres import PostgresStore
 
-        return PostgresStore(url, clock=clock, max_interruptions=max_interruptions)
+        return PostgresStore(
+            url, clock=clock, db_clock_offset=db_clock_offset, max_interruptions=max_interruptions
+        )
     if url.startswith("sqlite://"):
         # As in SQLAlchemy: sqlite:///rel/path is relative, sqlite:////abs/path is absolute.
         path = url.removeprefix("sqlite://").removeprefix("/")

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from service.errors import ServiceError
-from service.queue.postgres_sql import LOG_CHANNEL
+from service.queue.postgres.statements import LOG_CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@
 * When the connection is lost it is re-opened with backoff. Notifications sent meanwhile are gone, so after
   reconnecting the listeners are called for every session written since shortly before the loss (readers
   re-read the store from their own cursor, so a spurious call costs one read), and ``wait_for_work`` wakes.
+  "Since" is the database's clock, read on this connection at every keepalive (README "Deploying on
+  PostgreSQL"): an instance whose own clock is off neither misses sessions nor catches up on too many.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from typing import Any
 
 import asyncpg
 
-from service.queue.postgres_schema import CONNECT_TIMEOUT_S, DRIVER_ERRORS
-from service.queue.postgres_sql import LOG_CHANNEL, WORK_CHANNEL
-from service.queue.store import Clock, CommitListener
+from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS
+from service.queue.postgres.statements import DB_NOW, LOG_CHANNEL, WORK_CHANNEL
+from service.queue.store import CommitListener
 
 log = logging.getLogger(__name__)
+
+# The listening connection's application_name (pg_stat_activity shows it; tests find it by this name).
+LISTEN_APPLICATION = "service-listen"
 
 # (since) -> [(session_id, last_seq)] of sessions written since then.
 CatchUp = Callable[[datetime], Awaitable[list[tuple[str, int]]]]
@@ -34,7 +39,7 @@ class Notifier:
         self,
         dsn: str,
         instance_id: str,
-        clock: Clock,
+        offset: Callable[[], float],
         catch_up: CatchUp,
         *,
         keepalive_s: float = 10.0,
@@ -42,7 +47,8 @@ class Notifier:
     ) -> None:
         self._dsn = dsn
         self._instance_id = instance_id
-        self._clock = clock
+        self._offset = offset
+        self._db_now: datetime | None = None  # the database's clock at the last sign of life
         self._catch_up = catch_up
         self._keepalive_s = keepalive_s
         self._max_backoff_s = max_backoff_s
@@ -59,17 +65,13 @@ class Notifier:
     def add_listener(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
 
+    def work_event(self) -> asyncio.Event:
+        """The event the next ``wake_work`` sets (take it before looking for work, so no wake-up is missed)."""
+        return self._work
+
     def wake_work(self) -> None:
         self._work.set()
         self._work = asyncio.Event()
-
-    async def wait_for_work(self, timeout_s: float, claimable: Callable[[], Awaitable[bool]]) -> None:
-        """Return at once when ``claimable()`` says so, else at the next wake-up or after ``timeout_s``."""
-        event = self._work  # taken before the check: a wake-up during it is not missed
-        if await claimable():
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
 
     def server_pid(self) -> int | None:
         """The listening connection's backend pid (tests terminate it to simulate a lost connection)."""
@@ -97,11 +99,14 @@ class Notifier:
     async def _connect(self) -> None:
         self._lost = asyncio.Event()
         lost = self._lost
-        conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
+        conn = await asyncpg.connect(
+            self._dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": LISTEN_APPLICATION}
+        )
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(WORK_CHANNEL, self._on_notify)
             await conn.add_listener(LOG_CHANNEL, self._on_notify)
+            self._db_now = await conn.fetchval(DB_NOW, self._offset())
         except BaseException:
             conn.terminate()
             raise
@@ -133,7 +138,9 @@ class Notifier:
         if self._conn is None or self._conn.is_closed():
             return False
         try:
-            await asyncio.wait_for(self._conn.fetchval("SELECT 1"), CONNECT_TIMEOUT_S)
+            self._db_now = await asyncio.wait_for(
+                self._conn.fetchval(DB_NOW, self._offset()), CONNECT_TIMEOUT_S
+            )
         except DRIVER_ERRORS:
             return False
         return True
@@ -145,8 +152,10 @@ class Notifier:
             except TimeoutError:
                 if await self._alive():
                     continue
-            # A silent loss is noticed up to keepalive_s (+ the ping timeout) late: look back that far too.
-            since = self._clock() - timedelta(seconds=self._keepalive_s + 2 * CONNECT_TIMEOUT_S)
+            # Notifications may have been lost since the last sign of life (and a transaction that committed
+            # after it may have stamped its rows up to a ping timeout before it): look back from there.
+            assert self._db_now is not None  # read when the connection was opened
+            since = self._db_now - timedelta(seconds=2 * CONNECT_TIMEOUT_S)
             log.warning("lost the PostgreSQL LISTEN connection; reconnecting")
             await self._drop()
             self.wake_work()  # workers re-check the store while we are deaf

@@ -1,0 +1,214 @@
+"""PostgreSQL connections: a pool for reads, and ONE writer connection that group-commits.
+
+Group commit (README "Deploying on PostgreSQL"): every write verb is one call ``{"op": ..., ...}`` of an SQL
+function. The writer takes every call waiting, sorts them by session (one lock order for every instance, so
+batches do not deadlock each other), and runs them in ONE statement, ``svc_batch``: one round trip, one
+transaction, one WAL flush. Each caller is answered only after that statement returned, i.e. after COMMIT:
+nothing is acknowledged before it is durable. A verb that breaks a rule answers ``{"err": ...}`` and writes
+nothing; if the statement fails for another reason (a value the database refuses, a deadlock), nothing of it
+was committed and the batch is run again one call per statement, so only the failing call fails. A lost
+connection fails the whole batch with StoreUnavailable; the next batch reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from service.errors import BadRequest, ServiceError, StoreUnavailable
+from service.queue.postgres import statements as q
+from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, connection_lost, translate
+from service.queue.postgres.schema import init_connection
+
+Offset = Callable[[], float]  # seconds added to the database's clock (0 in production; tests move it)
+MAX_BATCH = 256  # bounds one transaction's locks and the wait of its first caller
+
+
+@dataclass(slots=True)
+class _Call:
+    session: str  # the lock order within a batch
+    body: bytes  # the call as JSON
+    future: asyncio.Future[Any]
+
+
+class Engine:
+    """The pool (reads) and the writer (group-committed verb calls) of one PostgresStore."""
+
+    def __init__(self, dsn: str, offset: Offset, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.dsn = dsn
+        self.offset = offset
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: Any = None
+        self._conn: Any = None  # the writer's connection
+        self._pending: list[_Call] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches = 0  # statements the writer ran (commits, when they succeed)
+        self.calls = 0
+
+    @property
+    def commits(self) -> int:
+        """Write transactions so far (group commit makes this far smaller than the verb calls)."""
+        return self.batches
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            init=init_connection,
+            timeout=CONNECT_TIMEOUT_S,
+        )
+        self._conn = await self._connect()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="pg-writer")
+
+    async def close(self) -> None:
+        """Stop taking calls, run (or fail) those already waiting, then close every connection."""
+        self._closing = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+            self._task = None
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
+            except DRIVER_ERRORS:
+                conn.terminate()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT_S)
+            except DRIVER_ERRORS:
+                pool.terminate()
+
+    # --- reads --------------------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def conn(self) -> AsyncIterator[Any]:
+        """A pool connection; driver errors leave as the service's errors (errors.translate)."""
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL store is not open")
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Any]:
+        """A read-only transaction on one snapshot (a page and its last_seq agree)."""
+        async with self.conn() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            yield conn
+
+    async def notify(self, channels: list[str], payloads: list[str]) -> None:
+        async with self.conn() as conn:
+            await conn.execute(q.NOTIFY_MANY, channels, payloads)
+
+    # --- writes -------------------------------------------------------------------------------------------------
+    async def call(self, op: dict[str, Any]) -> Any:
+        """Run one verb call in the next group commit; its answer once that commit is durable."""
+        if self._closing or self._task is None or self._task.done():
+            raise StoreUnavailable("the store is closed")
+        try:  # here, so a value JSON cannot carry fails this call only
+            body = orjson.dumps(op)
+        except orjson.JSONEncodeError as exc:
+            raise BadRequest(f"the database cannot store this value: {exc}") from exc
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Call(str(op.get("session") or ""), body, future))
+        self._wake.set()
+        return await future
+
+    async def _connect(self) -> Any:
+        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
+        try:
+            await init_connection(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._run(batch)
+            if self._closing:
+                return
+
+    async def _run(self, batch: list[_Call]) -> None:
+        batch.sort(key=lambda c: c.session)  # stable: one session's calls keep their order
+        try:
+            answers = await self._execute(batch)
+        except asyncio.CancelledError:
+            _fail(batch, StoreUnavailable("the PostgreSQL writer was cancelled mid-commit"))
+            raise
+        except Exception as exc:  # a bug, not a driver error (those are outcomes): fail the batch, keep going
+            _fail(batch, StoreUnavailable(f"the PostgreSQL writer failed: {exc!r}"))
+            return
+        self.batches += 1
+        self.calls += len(batch)
+        for call, answer in zip(batch, answers, strict=True):
+            if call.future.done():  # the caller was cancelled; its call may still have committed
+                continue
+            if isinstance(answer, BaseException):
+                call.future.set_exception(answer)
+            else:
+                call.future.set_result(answer)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        """The answers of one batch (an exception in place of a failed call's answer)."""
+        try:
+            conn = await self._writer_conn()
+            calls = b"[" + b",".join(c.body for c in batch) + b"]"
+            answers: list[Any] = await conn.fetchval(q.BATCH, calls.decode(), self.offset())
+            return answers
+        except DRIVER_ERRORS as exc:
+            if connection_lost(exc) or len(batch) == 1:
+                self._drop_if_broken()
+                return [_error(exc) for _ in batch]
+        # The statement was refused and nothing of it committed: one call per statement, so only the failing
+        # call fails.
+        out: list[Any] = []
+        for call in batch:
+            try:
+                conn = await self._writer_conn()
+                [answer] = await conn.fetchval(q.BATCH, "[" + call.body.decode() + "]", self.offset())
+                out.append(answer)
+            except DRIVER_ERRORS as exc:
+                self._drop_if_broken()
+                out.append(_error(exc))
+        return out
+
+    async def _writer_conn(self) -> Any:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = None
+            self._conn = await self._connect()
+        return self._conn
+
+    def _drop_if_broken(self) -> None:
+        if self._conn is not None and self._conn.is_closed():
+            self._conn = None
+
+
+def _error(exc: BaseException) -> ServiceError:
+    error = translate(exc)
+    error.__cause__ = exc
+    return error
+
+
+def _fail(batch: list[_Call], error: StoreUnavailable) -> None:
+    for call in batch:
+        if not call.future.done():
+            with contextlib.suppress(asyncio.InvalidStateError):
+                call.future.set_exception(StoreUnavailable(error.message))

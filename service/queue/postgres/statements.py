@@ -1,0 +1,120 @@
+"""PostgreSQL statements and the row -> model mapping.
+
+Writes are not here: every write verb is an SQL function (``migrations/postgres/0004_verb_functions.sql``) called
+through ``BATCH`` by the group-committing writer (engine.py). Reads are plain statements on the pool (asyncpg
+prepares and caches each one per connection). Every time in SQL is ``now() + $offset seconds``: the database's
+clock (README "Deploying on PostgreSQL", "One clock"), never an instance's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from service.errors import BadRequest
+from service.models import Entry, NewEntry, Session, SessionStatus
+
+LOG_CHANNEL = "service_log"  # payload "<session_id> <last_seq> <instance_id>": entries were committed
+WORK_CHANNEL = "service_work"  # payload "<session_id> <instance_id>": work may be claimable, or a cancel
+
+# The writer's one statement: a list of verb calls in, their answers out, one transaction.
+BATCH = "SELECT svc_batch($1::text::json, $2::float8)"  # text in: the store encodes each call itself
+# The database's clock as this store sees it ($1: the test offset, 0 in production).
+DB_NOW = "SELECT now() + $1::float8 * interval '1 second'"
+
+SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at"
+ENTRY_COLS = "session_id, seq, type, source, content, run_id, client_msg_id, metadata, created_at"
+
+GET_SESSION = f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = $1 AND owner = $2"
+LIST_SESSIONS = f"SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY updated_at DESC, session_id"
+LOAD_STATE = "SELECT team_state FROM sessions WHERE session_id = $1"
+LAST_SEQ = "SELECT last_seq FROM sessions WHERE session_id = $1"
+RECENT_SESSIONS = "SELECT session_id, last_seq FROM sessions WHERE updated_at >= $1 AND last_seq > 0"
+READ_AFTER = f"SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+READ_BEFORE = f"""
+SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq < $2 AND seq > $3 ORDER BY seq DESC LIMIT $4"""
+GET_CURSOR = "SELECT seq FROM cursors WHERE session_id = $1 AND client_id = $2"
+NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)"
+CANCEL_FLAG = "SELECT cancel_requested FROM inputs WHERE id = $1 AND lease_token = $2 AND status = 'running'"
+COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'running') GROUP BY status"
+# recover_expired: candidates by the database's clock; svc_requeue re-checks each under its session lock.
+EXPIRED = """
+SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
+WHERE status = 'running' AND lease_expires_at < now() + $1::float8 * interval '1 second' ORDER BY id"""
+# The session's current run (rules.is_run decides whether it is one), owner-checked.
+CURRENT_RUN = """
+SELECT i.id, i.status, i.input_seq, i.attempt, i.run_id FROM inputs i JOIN sessions s ON s.session_id = i.session_id
+WHERE i.session_id = $1 AND s.owner = $2 AND i.status IN ('queued', 'running')
+ORDER BY i.status = 'running' DESC, i.id LIMIT 1"""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_us(us: int) -> datetime:
+    """A time the SQL functions return as integer microseconds since the epoch (exact, unlike a float)."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as the SQL functions take it: JSON text in a string (see 0004_verb_functions.sql: a NUL in
+    content survives only this way). BadRequest for what JSON cannot carry (a lone surrogate)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:
+        raise BadRequest(f"the database cannot store this value: {exc}") from exc
+
+
+def new_entry_json(entry: NewEntry) -> dict[str, Any]:
+    """An entry to append, as the SQL functions take it."""
+    return {
+        "type": entry.type,
+        "source": entry.source,
+        "content": json_text(entry.content),
+        "metadata": json_text(entry.metadata),
+    }
+
+
+def appended(
+    session_id: str,
+    news: Sequence[NewEntry],
+    last: int,
+    at: datetime,
+    run_id: str | None,
+    client_msg_id: str | None = None,
+) -> list[Entry]:
+    """The entries a function numbered up to ``last`` at ``at``, as the log now holds them."""
+    first = last - len(news) + 1
+    return [
+        Entry(first + i, session_id, e.type, e.source, e.content, at, run_id, client_msg_id, e.metadata)
+        for i, e in enumerate(news)
+    ]
+
+
+def session_of(row: Any) -> Session:
+    return Session(
+        session_id=row["session_id"],
+        owner=row["owner"],
+        team=row["team"],
+        title=row["title"],
+        status=SessionStatus(row["status"]),
+        last_seq=row["last_seq"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def entry_of(row: Any) -> Entry:
+    return Entry(
+        seq=row["seq"],
+        session_id=row["session_id"],
+        type=row["type"],
+        source=row["source"],
+        content=row["content"],
+        created_at=row["created_at"],
+        run_id=row["run_id"],
+        client_msg_id=row["client_msg_id"],
+        metadata=row["metadata"],
+    )
