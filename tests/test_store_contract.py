@@ -27,6 +27,7 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     NewEntry,
     SessionStatus,
     interrupted,
@@ -822,6 +823,46 @@ async def test_reset_team_state(store: Store) -> None:
     assert await store.reset_team_state(ALICE, "nope") is None
     await store.enqueue(ALICE, "s1", "two", None)
     assert (await claim_one(store)).team_state is None
+
+
+async def test_drafts_live_until_their_message_or_the_run_ends(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store)
+    assert await store.read_draft("s1") is None
+    await store.save_draft(claim, Draft(claim.run_id, "m-1", "assistant", "Hel"))
+    await store.save_draft(claim, Draft(claim.run_id, "m-1", "assistant", "Hello wo\u0000"))
+    assert await store.read_draft("s1") == Draft(claim.run_id, "m-1", "assistant", "Hello wo\u0000")
+    await store.append(claim, [NewEntry("TextMessage", "assistant", "other", {"id": "m-0"})])
+    assert await store.read_draft("s1") is not None  # another message: the draft stays
+    await store.append(claim, [NewEntry("TextMessage", "assistant", "Hello world", {"id": "m-1"})])
+    assert await store.read_draft("s1") is None  # its message is in the log
+    await store.save_draft(claim, Draft(claim.run_id, "m-2", "assistant", "Bye"))
+    await store.finish(claim, completed(), None)
+    assert await store.read_draft("s1") is None
+    with pytest.raises(LeaseLost):
+        await store.save_draft(claim, Draft(claim.run_id, "m-3", "assistant", "late"))
+    assert await store.read_draft("s1") is None
+
+
+async def test_a_dead_runs_draft_becomes_a_partial_entry(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store, lease_s=10)
+    await store.save_draft(claim, Draft(claim.run_id, "m-1", "assistant", "Half an ans"))
+    clock.advance(11)
+    cut, note = await store.recover_expired()
+    assert (cut.type, cut.source, cut.content, cut.run_id) == (
+        "TextMessage",
+        "assistant",
+        "Half an ans",
+        claim.run_id,
+    )
+    assert cut.metadata == {"id": "m-1", "partial": True, "partial_reason": "interrupted"}
+    assert note.type == RUN_INTERRUPTED and note.seq == cut.seq + 1
+    assert await store.read_draft("s1") is None
+    again = await claim_one(store)
+    await store.save_draft(again, Draft(again.run_id, "m-9", "assistant", "x"))
+    await store.release(again, interrupted(again.input_seq, again.attempt))
+    assert await store.read_draft("s1") is None  # a graceful stop wrote its own partial entry
 
 
 # --- owners ---------------------------------------------------------------------------------------

@@ -29,16 +29,20 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
     Page,
+    PartialReason,
     Session,
     SessionStatus,
     interruption,
+    message_ids,
     new_lease_token,
     new_run_id,
     new_session_id,
+    partial,
     retry_cancelled,
     started,
     team_reset,
@@ -90,6 +94,7 @@ class _Session:
     state: dict[str, Any] | None = None
     awaiting: bool = False
     failed: bool = False  # the last run ended with a final run_failed
+    draft: Draft | None = None
 
     def public(self, status: SessionStatus) -> Session:
         return Session(
@@ -296,7 +301,19 @@ class MemoryStore:
             out = [_copy_entry(self._append(row, new, claim.run_id, None)) for new in entries]
             if any(new.type == USER_INPUT_REQUESTED for new in entries):
                 row.awaiting = True
+            if row.draft is not None and row.draft.message_id in message_ids(entries):
+                row.draft = None
             return out
+
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        async with self._lock:
+            row, _ = self._fenced(claim)
+            row.draft = draft
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        async with self._lock:
+            row = self._sessions.get(session_id)
+            return None if row is None else row.draft
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         async with self._lock:
@@ -357,6 +374,11 @@ class MemoryStore:
             out = []
             for item in sorted(dead, key=lambda i: i.input_id):
                 row = self._sessions[item.session_id]
+                if row.draft is not None and row.draft.run_id == item.run_id:
+                    # what the dead run had streamed of its last message
+                    cut = partial(row.draft, PartialReason.INTERRUPTED)
+                    out.append(_copy_entry(self._append(row, cut, item.run_id, None)))
+                row.draft = None
                 entry, final = interruption(
                     item.seq, item.attempt, item.interruptions, self._max_interruptions
                 )
@@ -460,6 +482,7 @@ class MemoryStore:
     def _end(self, row: _Session, item: _Input, entry: NewEntry, run_id: str) -> Entry:
         """The input is done: append its terminal ``entry``; the session's next input becomes its head."""
         written = self._append(row, entry, run_id, None)
+        row.draft = None
         row.pending.remove(item.input_id)
         del self._inputs[item.input_id]
         row.awaiting = False
@@ -481,6 +504,7 @@ class MemoryStore:
         item.cancel = False
         row.awaiting = False
         row.failed = False
+        row.draft = None
         self._push_head(row)
         self._wake()
         return written

@@ -26,13 +26,17 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
+    PartialReason,
     SessionStatus,
     interruption,
+    message_ids,
     new_lease_token,
     new_run_id,
+    partial,
     retry_cancelled,
     started,
     team_reset,
@@ -145,8 +149,9 @@ class PostgresStore(PostgresBase):
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         asks = any(e.type == USER_INPUT_REQUESTED for e in entries)
+        ids = message_ids(entries)
         async with self._fenced(claim) as conn:
-            return await self._append(
+            written = await self._append(
                 conn,
                 claim.session_id,
                 entries,
@@ -154,6 +159,26 @@ class PostgresStore(PostgresBase):
                 run_id=claim.run_id,
                 status=SessionStatus.AWAITING_INPUT if asks else None,
             )
+            if ids:  # the message a draft was streaming is now in the log
+                await conn.execute(q.RETIRE_DRAFT, claim.session_id, ids)
+        return written
+
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        async with self._fenced(claim) as conn:
+            await conn.execute(
+                q.SAVE_DRAFT,
+                claim.session_id,
+                draft.run_id,
+                draft.message_id,
+                draft.source,
+                draft.text,
+                self._clock(),
+            )
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(q.READ_DRAFT, session_id)
+        return None if row is None else Draft(row["run_id"], row["message_id"], row["source"], row["content"])
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         expires = self._clock() + timedelta(seconds=lease_s)
@@ -198,6 +223,7 @@ class PostgresStore(PostgresBase):
         """Append the terminal ``entry`` of an input just marked done (the caller holds the session lock); the
         session is queued when more inputs wait (and other instances are told: True), else failed or idle."""
         more = bool(await conn.fetchval(q.HAS_QUEUED, session_id))
+        await conn.execute(q.DROP_DRAFT, session_id)
         failed = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
         status = SessionStatus.QUEUED if more else failed
         [done] = await self._append(
@@ -218,6 +244,7 @@ class PostgresStore(PostgresBase):
     async def _requeue(self, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool) -> Entry:
         async with self._fenced(claim) as conn:
             await conn.execute(q.REQUEUE, claim.input_id, not_before, int(failed))
+            await conn.execute(q.DROP_DRAFT, claim.session_id)
             [done] = await self._append(
                 conn,
                 claim.session_id,
@@ -243,6 +270,18 @@ class PostgresStore(PostgresBase):
                 row = await conn.fetchrow(q.EXPIRED_IN_SESSION, session_id, now)
                 if row is None:
                     continue
+                draft = await conn.fetchrow(q.READ_DRAFT, session_id)
+                if draft is not None:
+                    await conn.execute(q.DROP_DRAFT, session_id)
+                    if draft["run_id"] == row["run_id"]:  # what the dead run had streamed of its last message
+                        cut = Draft(draft["run_id"], draft["message_id"], draft["source"], draft["content"])
+                        recovered += await self._append(
+                            conn,
+                            session_id,
+                            [partial(cut, PartialReason.INTERRUPTED)],
+                            now=now,
+                            run_id=row["run_id"],
+                        )
                 entry, final = interruption(
                     row["input_seq"], row["attempt"], row["interruptions"], self._max_interruptions
                 )

@@ -116,6 +116,15 @@ CURRENT_RUN = """
 SELECT id, status, input_seq, attempt, run_id FROM inputs
 WHERE session_id = $1 AND status IN ('queued', 'running') ORDER BY status = 'running' DESC, id LIMIT 1"""
 SET_CANCEL = "UPDATE inputs SET cancel_requested = TRUE WHERE id = $1"
+# Drafts (README "Streaming"): one per session.
+SAVE_DRAFT = """
+INSERT INTO drafts (session_id, run_id, message_id, source, content, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (session_id) DO UPDATE SET run_id = EXCLUDED.run_id, message_id = EXCLUDED.message_id,
+    source = EXCLUDED.source, content = EXCLUDED.content, updated_at = EXCLUDED.updated_at"""
+READ_DRAFT = "SELECT run_id, message_id, source, content FROM drafts WHERE session_id = $1"
+DROP_DRAFT = "DELETE FROM drafts WHERE session_id = $1"
+# Appending the message a draft was streaming retires the draft.
+RETIRE_DRAFT = "DELETE FROM drafts WHERE session_id = $1 AND message_id = ANY($2::text[])"
 HAS_RUNNING = "SELECT EXISTS (SELECT 1 FROM inputs WHERE session_id = $1 AND status = 'running')"
 DROP_STATE = "UPDATE sessions SET team_state = NULL WHERE session_id = $1"
 COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'running') GROUP BY status"

@@ -20,6 +20,7 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
@@ -185,6 +186,13 @@ class SqliteStore:
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         now = self.clock()
         return await self._writer.write(lambda c: queue.append(c, now, claim, entries))
+
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        now = self.clock()
+        await self._writer.write(lambda c: queue.save_draft(c, now, claim, draft))
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        return await self._reader.read(lambda c: queue.read_draft(c, session_id))
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         now = self.clock()

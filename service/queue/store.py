@@ -26,6 +26,10 @@ Rules every backend keeps:
 * **Interruptions are capped.** Recovery re-queues an input whose process died, until it died
   ``max_interruptions`` times (the store's constructor argument): then it ends with a final ``run_failed``
   (``models.interruption`` decides, for every backend).
+* **Drafts.** A session has at most one draft (the text streamed so far of a message not yet in the log).
+  Appending the message itself (an entry whose ``metadata.id`` is the draft's ``message_id``) deletes it in the
+  same transaction; ``finish``/``retry``/``release`` delete it (the run wrote the partial entry itself); lease
+  recovery turns a dead run's draft into a partial entry (``models.partial``) before its lifecycle entry.
 * **Time** comes from the ``clock`` the backend was built with (tests pass a fake one).
 """
 
@@ -35,7 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
-from service.models import Answer, CancelRequest, Claim, Enqueued, Entry, NewEntry, Page, Session
+from service.models import Answer, CancelRequest, Claim, Draft, Enqueued, Entry, NewEntry, Page, Session
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
@@ -130,6 +134,12 @@ class Store(Protocol):
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         """Append entries of this run (``run_id`` = claim.run_id) atomically. A ``UserInputRequestedEvent`` sets
         the session ``awaiting_input``. LeaseLost if fenced."""
+
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        """Store ``draft`` as the session's draft (replacing any). LeaseLost if fenced."""
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        """The session's draft, or None. Not owner-checked (callers check with ``get_session`` first)."""
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         """Extend the lease to now + lease_s. False when the lease is lost (nothing is changed then)."""
