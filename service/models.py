@@ -129,6 +129,41 @@ def ephemeral(session_id: str, item: dict[str, Any]) -> dict[str, Any]:
     return {"seq": None, "session_id": session_id, **item}
 
 
+CHUNK = "ModelClientStreamingChunkEvent"
+
+
+def chunk_frame(
+    session_id: str,
+    draft: Draft,
+    text: str,
+    offset: int,
+    *,
+    created_at: datetime,
+    metadata: dict[str, Any] | None = None,
+    resumed: bool = False,
+) -> dict[str, Any]:
+    """A live frame with streamed text of ``draft``'s message (README "Streaming"): the log entry's keys with
+    ``seq`` null, plus ``full_message_id`` (the ``metadata.id`` of the durable message that follows), ``offset``
+    (characters of the message before ``text``) and, on the frame that catches a reader up, ``resumed``."""
+    frame = ephemeral(
+        session_id,
+        {
+            "type": CHUNK,
+            "source": draft.source,
+            "content": text,
+            "created_at": iso(created_at),
+            "run_id": draft.run_id,
+            "client_msg_id": None,
+            "metadata": metadata or {},
+            "full_message_id": draft.message_id,
+            "offset": offset,
+        },
+    )
+    if resumed:
+        frame["resumed"] = True
+    return frame
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     session_id: str

@@ -174,6 +174,8 @@ class PostgresStore(PostgresBase):
                 draft.text,
                 self._clock(),
             )
+            # Readers on other instances re-read the session (finding no new entry) and resume from the draft.
+            self._notify(conn, q.LOG_CHANNEL, claim.session_id, 0)
 
     async def read_draft(self, session_id: str) -> Draft | None:
         async with self._conn() as conn:

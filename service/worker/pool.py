@@ -73,6 +73,7 @@ class WorkerPool:
         grace_s: float = 10.0,
         stop_timeout_s: float = 10.0,
         stall_timeout_s: float = 0.0,
+        draft_interval_s: float = 0.25,
         worker_id: str | None = None,
         clock: Clock = utcnow,
         metrics: PoolMetrics | None = None,

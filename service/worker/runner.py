@@ -42,16 +42,20 @@ from service.models import (
     RUN_COMPLETED,
     RUN_FAILED,
     Claim,
+    Draft,
     Entry,
     NewEntry,
+    PartialReason,
     interrupted,
     lifecycle,
+    partial,
 )
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.worker.logs import error_line
-from service.worker.messages import chunk_frame, to_entry
-from service.worker.state import drop_delivered_buffers, prepare_state, resume_task
+from service.worker.messages import to_entry
+from service.worker.state import drop_delivered_buffers, prepare_state, remember_partial, resume_task
+from service.worker.streaming import Streamer
 from service.worker.teams import TeamRegistry
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ class RunDeps:
     poll_interval_s: float
     stop_timeout_s: float = 10.0
     stall_timeout_s: float = 0.0  # 0: no stall detection
+    draft_interval_s: float = 0.25  # 0: streamed text is not saved as a draft
 
 
 def participants(team: Team) -> list[Any]:
@@ -137,6 +142,7 @@ class Run:
         self.answers_taken = 0  # answers this attempt got (the store gives earlier attempts' answers again)
         self.last_progress = asyncio.get_running_loop().time()  # of the last item the team yielded
         self._stop_asked = asyncio.Event()
+        self.streamer = Streamer(claim, deps.store, deps.hub, deps.draft_interval_s)
         self.input_generation = 0  # +1 every time the input_func finds no answer and waits
         self.done = False
         self._poke = asyncio.Event()
@@ -298,13 +304,13 @@ class Run:
                 if isinstance(item, TaskResult):
                     result = item
                 elif isinstance(item, ModelClientStreamingChunkEvent):
-                    if self.deps.hub.has_subscribers(self.claim.session_id):  # nobody watching: skip the dump
-                        self.deps.hub.publish_ephemeral(
-                            self.claim.session_id, chunk_frame(self.claim.session_id, self.claim.run_id, item)
-                        )
+                    self.streamer.add(item)
+                    if self.streamer.lease_lost:
+                        self.stop(StopReason.LEASE_LOST)
                 elif isinstance(item, BaseChatMessage) and item.source in self._proxy_names:
                     continue  # the human's answer: already in the log as the user's own message
                 else:
+                    await self.streamer.committed()
                     await self._append([to_entry(item)])
                     if isinstance(item, UserInputRequestedEvent):
                         self._asked.add(item.request_id)
@@ -370,23 +376,37 @@ class Run:
             log.warning("%s: lease lost, stopped without writing", self.describe())
             return Outcome.LEASE_LOST
         if self.stop_reason is StopReason.INTERRUPT:
+            await self._write_partial(PartialReason.INTERRUPTED)
             self._publish([await store.release(claim, interrupted(claim.input_seq, claim.attempt))])
             return Outcome.INTERRUPTED
         if self.stop_reason is StopReason.STALLED:
             idle = self.deps.stall_timeout_s
             return await self._failed(
-                PermanentError(f"the run made no progress for {idle:g}s (stall_timeout_s) and was stopped")
+                PermanentError(f"the run made no progress for {idle:g}s (stall_timeout_s) and was stopped"),
+                PartialReason.STALLED,
             )
-        # A fresh team loaded with this state works after a mid-turn cancel: keep what was said. Loading it
-        # repairs what the stop left unfinished (state.prepare_state).
+        # A fresh team loaded with this state works after a mid-turn cancel: keep what was said, including the
+        # text the user saw of a message cut off. Loading it repairs what the stop left unfinished.
+        cut = await self._write_partial(PartialReason.CANCELLED)
         state = await _saved_state(team)
+        if state is not None and cut is not None:
+            state = remember_partial(state, cut)
         entry = lifecycle(RUN_CANCELLED, "Run cancelled.", **self._details())
         self._publish([await store.finish(claim, entry, state)])
         return Outcome.CANCELLED
 
-    async def _failed(self, exc: BaseException) -> Outcome:
+    async def _write_partial(self, reason: PartialReason) -> Draft | None:
+        """A message cut off mid-stream becomes a durable partial entry, before the run's lifecycle entry, so
+        every ``full_message_id`` a reader saw in chunks is followed by an entry with that id."""
+        cut = await self.streamer.cut()
+        if cut is not None:
+            await self._append([partial(cut, reason)])
+        return cut
+
+    async def _failed(self, exc: BaseException, reason: PartialReason = PartialReason.FAILED) -> Outcome:
         """Write the failure: a transient error is retried with backoff until ``max_attempts`` failures, a
         PermanentError ends the run at once. Either way the text names the error in one line."""
+        await self._write_partial(reason)
         error = error_line(exc)
         final = isinstance(exc, PermanentError)
         # Failures, not attempts: interruptions (shutdowns, crashes) do not use up the retries of a failing run.
