@@ -541,7 +541,7 @@ async def test_retry_waits_for_not_before_and_blocks_its_session(store: Store, c
     await store.enqueue(ALICE, "s1", "after it", None)
     await store.enqueue(ALICE, "s2", "other session", None)
     claim = await claim_one(store)
-    entry = await store.retry(claim, failed(retrying=True), clock.now + timedelta(seconds=5))
+    [entry] = await store.retry(claim, failed(retrying=True), clock.now + timedelta(seconds=5))
     assert (entry.type, entry.run_id, entry.metadata["retrying"]) == (RUN_FAILED, claim.run_id, True)
     assert await status(store, "s1") is SessionStatus.QUEUED
     assert await store.counts() == {"queued": 3, "running": 0}
@@ -564,7 +564,7 @@ async def test_retry_waits_for_not_before_and_blocks_its_session(store: Store, c
 async def test_release_requeues_at_once(store: Store) -> None:
     await store.enqueue(ALICE, "s1", "long job", None)
     claim = await claim_one(store)
-    entry = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    [entry] = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
     assert (entry.type, entry.run_id, entry.seq) == (RUN_INTERRUPTED, claim.run_id, 3)
     assert await status(store, "s1") is SessionStatus.QUEUED
     again = await claim_one(store)
@@ -716,15 +716,6 @@ async def test_request_cancel(store: Store) -> None:
     assert not await store.cancel_requested(nxt)
 
 
-async def test_cancel_request_does_not_survive_a_retry(store: Store, clock: FakeClock) -> None:
-    await store.enqueue(ALICE, "s1", "one", None)
-    claim = await claim_one(store)
-    assert (await store.request_cancel(ALICE, "s1")).running
-    await store.release(claim, interrupted(claim.input_seq, claim.attempt))
-    again = await claim_one(store)
-    assert not await store.cancel_requested(again)
-
-
 async def test_deleted_session_asks_its_run_to_stop(store: Store) -> None:
     # Decision (the contract is silent): a run whose input is gone should stop, like a cancelled one.
     await store.enqueue(ALICE, "s1", "one", None)
@@ -780,6 +771,28 @@ async def test_cancel_ends_a_pending_retry(store: Store, clock: FakeClock) -> No
     following = await claim_one(store)
     assert following.input_seq == nxt.seq  # the cancelled input is never claimed again
     assert await store.request_cancel(ALICE, "s1") == CancelRequest(running=True)
+
+
+@pytest.mark.parametrize("how", ["retry", "release", "crash"])
+async def test_a_cancel_is_never_undone_by_a_requeue(store: Store, clock: FakeClock, how: str) -> None:
+    """A run asked to stop that then fails, is shut down or dies ends with run_cancelled: never queued again."""
+    await store.enqueue(ALICE, "s1", "one", None)
+    nxt = await store.enqueue(ALICE, "s1", "two", None)
+    claim = await claim_one(store, lease_s=10)
+    assert (await store.request_cancel(ALICE, "s1")).running
+    if how == "retry":
+        written = await store.retry(claim, failed(retrying=True), clock())
+    elif how == "release":
+        written = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    else:
+        clock.advance(11)
+        written = await store.recover_expired()
+    assert [e.type for e in written][-1] == RUN_CANCELLED
+    assert written[-1].to_json()["input_seq"] == claim.input_seq
+    assert (await store.read_log("s1")).messages[-len(written) :] == written
+    clock.advance(120)
+    following = await claim_one(store)
+    assert following.input_seq == nxt.seq  # the cancelled input never runs again
 
 
 @pytest.mark.parametrize("store_url", BACKENDS, indirect=True)

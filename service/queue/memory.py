@@ -352,16 +352,16 @@ class MemoryStore:
                 row.state = _clone(team_state)
             return _copy_entry(self._end(row, item, entry, claim.run_id))
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         async with self._lock:
             row, item = self._fenced(claim)
             item.failures += 1
-            return _copy_entry(self._requeue(row, item, entry, claim.run_id, not_before))
+            return [_copy_entry(e) for e in self._requeue(row, item, entry, claim.run_id, not_before)]
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         async with self._lock:
             row, item = self._fenced(claim)
-            return _copy_entry(self._requeue(row, item, entry, claim.run_id, self._clock()))
+            return [_copy_entry(e) for e in self._requeue(row, item, entry, claim.run_id, self._clock())]
 
     async def recover_expired(self) -> list[Entry]:
         async with self._lock:
@@ -386,7 +386,7 @@ class MemoryStore:
                     out.append(_copy_entry(self._end(row, item, entry, item.run_id)))
                 else:
                     item.interruptions += 1
-                    out.append(_copy_entry(self._requeue(row, item, entry, item.run_id, now)))
+                    out += [_copy_entry(e) for e in self._requeue(row, item, entry, item.run_id, now)]
             return out
 
     async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
@@ -494,8 +494,12 @@ class MemoryStore:
 
     def _requeue(
         self, row: _Session, item: _Input, entry: NewEntry, run_id: str, not_before: datetime
-    ) -> Entry:
+    ) -> list[Entry]:
+        """Append ``entry`` and queue the input again, keeping its place; an input asked to stop ends instead
+        (``run_cancelled``): a cancel is never undone by a retry, a shutdown or a crash."""
         written = self._append(row, entry, run_id, None)
+        if item.cancel:
+            return [written, self._end(row, item, retry_cancelled(item.seq, item.attempt), run_id)]
         item.status = QUEUED
         item.attempt += 1
         item.not_before = not_before
@@ -507,7 +511,7 @@ class MemoryStore:
         row.draft = None
         self._push_head(row)
         self._wake()
-        return written
+        return [written]
 
     def _push_head(self, row: _Session) -> None:
         head = row.pending[0]

@@ -237,17 +237,29 @@ class PostgresStore(PostgresBase):
             self._notify(conn, q.WORK_CHANNEL, session_id)
         return done, more
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         return await self._requeue(claim, entry, not_before, failed=True)
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         return await self._requeue(claim, entry, self._clock(), failed=False)
 
-    async def _requeue(self, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool) -> Entry:
+    async def _requeue(
+        self, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool
+    ) -> list[Entry]:
+        """The input goes back to the queue, keeping its place, with attempt + 1; an input asked to stop ends
+        instead (``run_cancelled``): a cancel is never undone by a retry or a stop."""
         async with self._fenced(claim) as conn:
+            if await conn.fetchval(q.OWN_CANCEL_FLAG, claim.input_id):
+                await conn.execute(q.MARK_DONE, claim.input_id)
+                written = await self._append(
+                    conn, claim.session_id, [entry], now=self._clock(), run_id=claim.run_id
+                )
+                stop = retry_cancelled(claim.input_seq, claim.attempt)
+                ended, _ = await self._ended(conn, claim.session_id, stop, claim.run_id)
+                return [*written, ended]
             await conn.execute(q.REQUEUE, claim.input_id, not_before, int(failed))
             await conn.execute(q.DROP_DRAFT, claim.session_id)
-            [done] = await self._append(
+            written = await self._append(
                 conn,
                 claim.session_id,
                 [entry],
@@ -257,7 +269,7 @@ class PostgresStore(PostgresBase):
             )
             self._notify(conn, q.WORK_CHANNEL, claim.session_id)
         self.notifier.wake_work()
-        return done
+        return written
 
     async def recover_expired(self) -> list[Entry]:
         now = self._clock()
@@ -287,8 +299,13 @@ class PostgresStore(PostgresBase):
                 entry, final = interruption(
                     row["input_seq"], row["attempt"], row["interruptions"], self._max_interruptions
                 )
-                if final:
+                if final or row["cancel_requested"]:  # at the cap, or asked to stop before it died: it ends
                     await conn.execute(q.MARK_DONE, row["id"])
+                    if not final:
+                        recovered += await self._append(
+                            conn, session_id, [entry], now=now, run_id=row["run_id"]
+                        )
+                        entry = retry_cancelled(row["input_seq"], row["attempt"])
                     recovered.append((await self._ended(conn, session_id, entry, row["run_id"]))[0])
                     continue
                 await conn.execute(q.REQUEUE_EXPIRED, row["id"], now)

@@ -88,6 +88,7 @@ HEARTBEAT = """
 UPDATE inputs SET lease_expires_at = $3 WHERE id = $1 AND lease_token = $2 AND status = 'running'
 RETURNING id"""
 CANCEL_FLAG = "SELECT cancel_requested FROM inputs WHERE id = $1 AND lease_token = $2 AND status = 'running'"
+OWN_CANCEL_FLAG = "SELECT cancel_requested FROM inputs WHERE id = $1"
 MARK_DONE = "UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL WHERE id = $1"
 REQUEUE = """
 UPDATE inputs SET status = 'queued', attempt = attempt + 1, failures = failures + $3, not_before = $2,
@@ -104,7 +105,7 @@ BIND_ANSWER = "UPDATE inputs SET status = 'done', answer_for = $1 WHERE id = $2"
 EXPIRED = "SELECT session_id FROM inputs WHERE status = 'running' AND lease_expires_at < $1 ORDER BY id"
 # Re-checked under the session lock; the row lock of the UPDATE also waits for a concurrent heartbeat.
 EXPIRED_IN_SESSION = """
-SELECT id, input_seq, attempt, run_id, interruptions FROM inputs
+SELECT id, input_seq, attempt, run_id, interruptions, cancel_requested FROM inputs
 WHERE session_id = $1 AND status = 'running' AND lease_expires_at < $2 FOR UPDATE"""
 REQUEUE_EXPIRED = """
 UPDATE inputs SET status = 'queued', attempt = attempt + 1, interruptions = interruptions + 1, not_before = $2,

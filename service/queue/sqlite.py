@@ -211,7 +211,7 @@ class SqliteStore:
         self._work.set()  # the session's next input (if any) just became claimable
         return done
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()
         done = await self._writer.write(
             lambda c: queue.requeue(c, now, claim, entry, not_before, failed=True)
@@ -219,7 +219,7 @@ class SqliteStore:
         self._work.set()
         return done
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         now = self.clock()
         done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now, failed=False))
         self._work.set()

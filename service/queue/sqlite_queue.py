@@ -243,15 +243,22 @@ def _ended(
 
 def requeue(
     db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool
-) -> Entry:
-    """retry() (failed) and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
-    args = (int(failed), 0, not_before.timestamp(), claim.input_id, claim.lease_token)
-    if db.execute(REQUEUE, args).rowcount == 0:
+) -> list[Entry]:
+    """retry() (failed) and release(): the input goes back to the queue, keeping its place, with attempt + 1;
+    an input asked to stop ends instead (``run_cancelled``): a cancel is never undone by a retry or a stop."""
+    sql = "SELECT cancel_requested FROM inputs WHERE id = ? AND lease_token = ? AND status = 'running'"
+    flag = db.execute(sql, (claim.input_id, claim.lease_token)).fetchone()
+    if flag is None:
         raise LeaseLost()
+    if flag[0]:
+        db.execute(DONE, (claim.input_id, claim.lease_token))
+        written = append_entries(db, now, claim.session_id, [entry], claim.run_id)
+        stop = retry_cancelled(claim.input_seq, claim.attempt)
+        return [*written, _ended(db, now, claim.session_id, stop, claim.run_id)]
+    db.execute(REQUEUE, (int(failed), 0, not_before.timestamp(), claim.input_id, claim.lease_token))
     db.execute(DROP_DRAFT, (claim.session_id,))
     status = SessionStatus.QUEUED
-    (done,) = append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
-    return done
+    return append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
 
 
 def recover_expired(
@@ -259,10 +266,10 @@ def recover_expired(
 ) -> list[Entry]:
     """Re-queue (or, at the interruption cap, end) running inputs whose lease expired before ``cutoff``."""
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
-    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
-    WHERE status = 'running' AND lease_expires_at < ?"""
+    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions, cancel_requested
+    FROM inputs WHERE status = 'running' AND lease_expires_at < ?"""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token, died in sorted(
+    for input_id, session_id, input_seq, attempt, run_id, token, died, stop in sorted(
         db.execute(sql, ((cutoff or now).timestamp(),))
     ):
         draft = read_draft(db, session_id)
@@ -272,8 +279,11 @@ def recover_expired(
                 cut = partial(draft, PartialReason.INTERRUPTED)
                 recovered += append_entries(db, now, session_id, [cut], run_id)
         entry, final = interruption(input_seq, attempt, died, max_interruptions)
-        if final:
+        if final or stop:  # at the cap, or asked to stop before it died: it ends here
             db.execute(DONE, (input_id, token))
+            if stop and not final:
+                recovered += append_entries(db, now, session_id, [entry], run_id)
+                entry = retry_cancelled(input_seq, attempt)
             recovered.append(_ended(db, now, session_id, entry, run_id))
             continue
         db.execute(REQUEUE, (0, 1, now.timestamp(), input_id, token))  # an interruption, not a failure

@@ -377,7 +377,7 @@ class Run:
             return Outcome.LEASE_LOST
         if self.stop_reason is StopReason.INTERRUPT:
             await self._write_partial(PartialReason.INTERRUPTED)
-            self._publish([await store.release(claim, interrupted(claim.input_seq, claim.attempt))])
+            self._publish(await store.release(claim, interrupted(claim.input_seq, claim.attempt)))
             return Outcome.INTERRUPTED
         if self.stop_reason is StopReason.STALLED:
             idle = self.deps.stall_timeout_s
@@ -417,7 +417,7 @@ class Run:
         entry = lifecycle(RUN_FAILED, text, error=error, retrying=retrying, **self._details())
         log.warning("%s failed%s: %s", self.describe(), ", retrying" if retrying else "", error)
         if not_before is not None:
-            self._publish([await self.deps.store.retry(self.claim, entry, not_before)])
+            self._publish(await self.deps.store.retry(self.claim, entry, not_before))
             return Outcome.RETRIED
         self._publish([await self.deps.store.finish(self.claim, entry, None)])
         return Outcome.FAILED
