@@ -249,10 +249,10 @@ class Run:
         except asyncio.CancelledError:
             self.token.cancel()
             with contextlib.suppress(StopTimedOut):
-                await self._settle(inner)
+                await self._settle(team, inner)
             raise
         if not inner.done():
-            await self._settle(inner)
+            await self._settle(team, inner)
         return inner.result()
 
     async def _watch(self, inner: asyncio.Future[TaskResult]) -> None:
@@ -275,21 +275,25 @@ class Run:
         finally:
             stop_asked.cancel()
 
-    async def _settle(self, inner: asyncio.Future[TaskResult]) -> None:
-        """The token is cancelled: wait up to ``stop_timeout_s`` for AutoGen to end the run, else abandon it."""
+    async def _settle(self, team: Team, inner: asyncio.Future[TaskResult]) -> None:
+        """The token is cancelled: wait up to ``stop_timeout_s`` for AutoGen to end the run, else abandon the team
+        (StopTimedOut): its runtime's tasks are cancelled, which ends a run stuck in a tool; a run that still
+        does not end is kept referenced, never awaited. Either way it writes nothing more (see _consume)."""
         done, _ = await asyncio.wait({inner}, timeout=self.deps.stop_timeout_s)
         if done:
             return
         self.abandoned = True
         log.warning(
-            "%s: the team did not stop within %.1fs of its cancellation; abandoning it (microsoft/autogen#7956)",
+            "%s: the team did not stop within %.1fs of its cancellation; abandoning it",
             self.describe(),
             self.deps.stop_timeout_s,
         )
-        # Neither awaited nor cancelled (cancelling AutoGen's runtime mid-tool corrupts its bookkeeping and
-        # logs errors): it ends by itself when the tool returns, and writes nothing more (fenced, see _consume).
-        ABANDONED.add(inner)
-        inner.add_done_callback(_forget_abandoned)
+        for task in _runtime_tasks(team):
+            task.cancel()
+        done, _ = await asyncio.wait({inner}, timeout=AFTER_RUN_TIMEOUT_S)
+        if not done:
+            ABANDONED.add(inner)
+            inner.add_done_callback(_forget_abandoned)
         raise StopTimedOut()
 
     async def _consume(self, team: Team, task: str | HandoffMessage) -> TaskResult:
@@ -444,6 +448,17 @@ async def _saved_state(team: Team) -> dict[str, Any] | None:
     except Exception as exc:  # the cancel still counts; the next run starts from the previous state
         log.warning("could not save the team state after a cancel: %s", error_line(exc))
         return None
+
+
+def _runtime_tasks(team: Team) -> list[asyncio.Task[Any]]:
+    """The tasks of a team's embedded runtime (autogen-core 0.7.5 internals: its background tasks and its run
+    loop). A run cancelled while a tool executes never ends by itself (microsoft/autogen#7956, fixed upstream
+    but not released); cancelling these tasks ends it."""
+    runtime = getattr(team, "_runtime", None)
+    tasks = list(getattr(runtime, "_background_tasks", None) or ())
+    run_task = getattr(getattr(runtime, "_run_context", None), "_run_task", None)
+    tasks.append(run_task)
+    return [t for t in tasks if isinstance(t, asyncio.Task) and not t.done()]
 
 
 def _forget_abandoned(task: asyncio.Future[Any]) -> None:
