@@ -233,18 +233,19 @@ def test_page_follows_the_resume_and_partial_protocol(server: ServerProcess, cha
 
     chat.page.context.route_web_socket(re.compile(r"/ws/chat/queue"), play_server)
     session_id = chat.open_new_chat(server.url)
-    send(sockets[-1], chunk("Hello "))
-    send(sockets[-1], chunk("**wor"))
+    send(sockets[-1], chunk("Hello ", offset=0))
+    send(sockets[-1], chunk("**wor", offset=6))
+    send(sockets[-1], chunk("wor", offset=8))  # overlapping text (offset says where it starts): never doubled
     expect(streaming(chat)).to_have_text("Hello **wor")
 
     sockets[-1].close(code=1001)  # a network blip: the page reconnects by itself
     chat.wait_disconnected()
     chat.wait_connected()
     assert len(sockets) == 2
-    send(sockets[-1], chunk("Hello **world** so far", resumed=True))
+    send(sockets[-1], chunk("Hello **world** so far", offset=0, resumed=True))
     expect(streaming(chat)).to_have_text("Hello world so far")  # replaced, not appended
     expect(streaming(chat).locator("strong")).to_have_text("world")
-    send(sockets[-1], chunk(", and `more`"))
+    send(sockets[-1], chunk(", and `more`", offset=22))
     expect(streaming(chat)).to_have_text("Hello world so far, and more")
     expect(chat.page.locator("[data-streaming]")).to_have_count(1)
 
@@ -268,7 +269,7 @@ def test_page_follows_the_resume_and_partial_protocol(server: ServerProcess, cha
     expect(chat.page.locator("[data-streaming]")).to_have_count(0)
     # A late chunk of a message already durable on screen opens no new bubble.
     # (Frames are handled in order: once the entry sent after it is on screen, the chunk has been handled.)
-    send(sockets[-1], chunk(" late"))
+    send(sockets[-1], chunk(" late", offset=34))
     send(
         sockets[-1],
         {**base, "seq": 3, "type": "TextMessage", "source": "assistant", "content": "next", "metadata": {}},

@@ -12,6 +12,7 @@ import {
   renderPending,
   renderStreaming,
   setStreamText,
+  streamedPrefix,
 } from "./render.js";
 import { ChatSocket } from "./socket.js";
 
@@ -321,9 +322,9 @@ export class ChatView {
   // ---- streaming ----
 
   /**
-   * One streamed chunk (README "Log entries": `seq` null, `full_message_id`). The first chunk after a (re)connect
-   * in the middle of a message has `resumed: true` and the whole text so far: it replaces what the bubble shows,
-   * so a reconnect that missed chunks shows no gap and one that missed none shows nothing twice.
+   * One streamed chunk (README "Streaming": `seq` null, `full_message_id`, `offset`). The text before `offset`
+   * is kept and the chunk's text put after it, so a resumed chunk after a reconnect (the whole text so far,
+   * offset 0) or after a lag (the rest, from where this connection was) never shows a piece twice or leaves one out.
    */
   streamChunk(frame) {
     if (frame.full_message_id && this.doneIds.has(frame.full_message_id)) return; // already durable on screen
@@ -337,7 +338,7 @@ export class ChatView {
       this.live.insertBefore(node, firstPending);
     }
     const text = typeof frame.content === "string" ? frame.content : "";
-    if (frame.resumed) setStreamText(node, text);
+    if (Number.isInteger(frame.offset)) setStreamText(node, streamedPrefix(node, frame.offset) + text);
     else appendChunk(node, text);
     if (stick) this.scrollToBottom();
   }

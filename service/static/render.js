@@ -221,6 +221,12 @@ export function appendChunk(node, text) {
   schedule(node);
 }
 
+/** The first `offset` characters (Unicode code points, as the server counts) of a bubble's streamed text. */
+export function streamedPrefix(node, offset) {
+  const text = streamedText(node);
+  return offset >= text.length ? text : Array.from(text).slice(0, offset).join("");
+}
+
 /** A resumed stream's first chunk: the whole text so far replaces whatever this bubble had (never doubled). */
 export function setStreamText(node, text) {
   streamed.set(node, text);
