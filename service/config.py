@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ServiceError
+from service.models import DEFAULT_MAX_INTERRUPTIONS
 
 
 class ConfigError(ServiceError):
@@ -99,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_interruptions",
-        5,
+        DEFAULT_MAX_INTERRUPTIONS,
         "times the process may die while running one message before it ends with a final run_failed; 0: no cap",
     ),
     Setting("max_body_bytes", 1_048_576, "largest HTTP request body (413 too_large beyond)"),
@@ -137,7 +138,7 @@ class Config:
     stop_timeout_s: float = 10.0
     stall_timeout_s: float = 900.0
     draft_interval_s: float = 0.25
-    max_interruptions: int = 5
+    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
     max_body_bytes: int = 1_048_576
     max_frame_bytes: int = 262_144
     max_message_chars: int = 100_000

@@ -72,7 +72,7 @@ class WorkerPool:
         retry: RetryPolicy = DEFAULT_RETRY,
         grace_s: float = 10.0,
         stop_timeout_s: float = 10.0,
-        stall_timeout_s: float = 0.0,
+        stall_timeout_s: float = 900.0,
         draft_interval_s: float = 0.25,
         worker_id: str | None = None,
         clock: Clock = utcnow,

@@ -81,7 +81,8 @@ class StopTimedOut(Exception):
 
 
 class PermanentError(Exception):
-    """The run cannot succeed by retrying (the team cannot be built, or cannot load this session's state)."""
+    """The run ends without a retry: retrying cannot help (the team cannot be built, or cannot load this
+    session's state) or must not happen (the run stalled)."""
 
 
 class Outcome(enum.StrEnum):
@@ -102,15 +103,21 @@ class RunDeps:
     clock: Clock
     poll_interval_s: float
     stop_timeout_s: float = 10.0
-    stall_timeout_s: float = 0.0  # 0: no stall detection
+    stall_timeout_s: float = 900.0  # 0: no stall detection
     draft_interval_s: float = 0.25  # 0: streamed text is not saved as a draft
 
 
 def participants(team: Team) -> list[Any]:
-    """The team's agents, nested teams included."""
+    """The team's agents, nested teams (and the team inside an agent, such as a SocietyOfMindAgent) included."""
     found: list[Any] = []
     for participant in getattr(team, "_participants", []):
-        found.extend(participants(participant) if isinstance(participant, Team) else [participant])
+        if isinstance(participant, Team):
+            found.extend(participants(participant))
+            continue
+        found.append(participant)
+        inner = getattr(participant, "_team", None)
+        if isinstance(inner, Team):
+            found.extend(participants(inner))
     return found
 
 
@@ -138,6 +145,7 @@ class Run:
         self.token = CancellationToken()
         self.stop_reason: StopReason | None = None
         self.abandoned = False  # AutoGen did not end the run when asked: the team object was given up
+        self.prepared = False  # the session's state is loaded into the team (before that, its state is empty)
         self.waiting_for_input = False
         self.answers_taken = 0  # answers this attempt got (the store gives earlier attempts' answers again)
         self.last_progress = asyncio.get_running_loop().time()  # of the last item the team yielded
@@ -197,19 +205,7 @@ class Run:
 
     async def _execute_team(self, team: Team) -> Outcome:
         try:
-            task = await self._prepare(team)
-        except LeaseLost:
-            raise
-        except Exception as exc:
-            return await self._failed(
-                PermanentError(
-                    f"team {self.claim.team!r} cannot load this session's saved state ({error_line(exc)}). "
-                    f"Reset the agents' memory with POST /sessions/{self.claim.session_id}/reset "
-                    "(the conversation log is kept), or start a new session."
-                )
-            )
-        try:
-            result = await self._stream(team, task)
+            result = await self._stream(team)
         except LeaseLost:
             raise
         except (asyncio.CancelledError, Exception) as exc:
@@ -226,11 +222,26 @@ class Run:
         self._publish([await self.deps.store.finish(self.claim, entry, state)])
         return Outcome.COMPLETED
 
+    async def _run_team(self, team: Team) -> TaskResult:
+        """Prepare the team, then run it; a team that cannot take the session's state fails for good."""
+        try:
+            task = await self._prepare(team)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            raise PermanentError(
+                f"team {self.claim.team!r} cannot load this session's saved state ({error_line(exc)}). "
+                f"Reset the agents' memory with POST /sessions/{self.claim.session_id}/reset "
+                "(the conversation log is kept), or start a new session."
+            ) from exc
+        return await self._consume(team, task)
+
     async def _prepare(self, team: Team) -> str | HandoffMessage:
         """Load the state this run starts from (``state.prepare_state``) and wire the human input; the task."""
         fresh = await team.save_state()
         state = prepare_state(self.claim.team_state, fresh)  # the saved state came with the claim
         await team.load_state(state)
+        self.prepared = True
         proxies = user_proxies(team)
         for proxy in proxies:
             # Not serialised in configs (a loaded proxy reads stdin); ours takes the session's next message.
@@ -239,11 +250,11 @@ class Run:
         self._proxy_names = frozenset(p.name for p in proxies)
         return resume_task(state, self.claim.content)
 
-    async def _stream(self, team: Team, task: str | HandoffMessage) -> TaskResult:
-        """Consume the run in an inner task, watched: a stop (cancel, shutdown, lease lost) or a stall cancels
-        the token and gives AutoGen ``stop_timeout_s`` to end; then the team is abandoned (StopTimedOut). If
-        OUR task is cancelled (a hard stop), the cancellation reaches AutoGen as a token cancel the same way."""
-        inner = asyncio.ensure_future(self._consume(team, task))
+    async def _stream(self, team: Team) -> TaskResult:
+        """Prepare and consume the run in an inner task, watched: a stop (cancel, shutdown, lease lost) or a
+        stall cancels the token and gives AutoGen ``stop_timeout_s`` to end; then the team is abandoned
+        (StopTimedOut). If OUR task is cancelled (a hard stop), the cancellation reaches AutoGen the same way."""
+        inner = asyncio.ensure_future(self._run_team(team))
         try:
             await self._watch(inner)
         except asyncio.CancelledError:
@@ -392,7 +403,7 @@ class Run:
         # A fresh team loaded with this state works after a mid-turn cancel: keep what was said, including the
         # text the user saw of a message cut off. Loading it repairs what the stop left unfinished.
         cut = await self._write_partial(PartialReason.CANCELLED)
-        state = await _saved_state(team)
+        state = await _saved_state(team) if self.prepared else None  # unprepared: keep the previous state
         if state is not None and cut is not None:
             state = remember_partial(state, cut)
         entry = lifecycle(RUN_CANCELLED, "Run cancelled.", **self._details())

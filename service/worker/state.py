@@ -182,6 +182,9 @@ def _merge_participant(old: Any, fresh: Any) -> Any:
         inner = _merge_team(old_inner, fresh_inner)
     else:
         inner = _repair_contexts(old_inner)
+        for key, value in fresh_inner.items():  # an agent wrapping a team (SocietyOfMindAgent's inner_team_state)
+            if isinstance(value, dict) and value.get("type") == TEAM_STATE:
+                inner[key] = _merge_team(old_inner.get(key), value)
     return {**old, "agent_state": inner}
 
 
