@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from autogen_agentchat.agents import AssistantAgent, SocietyOfMindAgent
+from autogen_agentchat.base import ChatAgent, Team
 from autogen_agentchat.teams import RoundRobinGroupChat
 
 from service.models import Draft
@@ -13,7 +14,7 @@ from service.worker.state import CANCELLED_TOOL_RESULT, prepare_state, remember_
 
 
 def _society(with_editor: bool) -> RoundRobinGroupChat:
-    inner = [AssistantAgent("writer", model_client=DemoChatCompletionClient())]
+    inner: list[ChatAgent | Team] = [AssistantAgent("writer", model_client=DemoChatCompletionClient())]
     if with_editor:
         inner.append(AssistantAgent("editor", model_client=DemoChatCompletionClient()))
     som = SocietyOfMindAgent(
