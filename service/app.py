@@ -53,6 +53,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         retry=RetryPolicy(config.max_attempts, config.retry_base_delay_s, config.retry_max_delay_s),
         stop_timeout_s=config.stop_timeout_s,
         stall_timeout_s=config.stall_timeout_s,
+        draft_interval_s=config.draft_interval_s,
         metrics=app[keys.METRICS],
     )
     app.cleanup_ctx.append(_store_ctx)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ServiceError
+from service.models import DEFAULT_MAX_INTERRUPTIONS
 
 
 class ConfigError(ServiceError):
@@ -92,8 +93,14 @@ SETTINGS: tuple[Setting, ...] = (
         " final run_failed; 0 turns it off",
     ),
     Setting(
+        "draft_interval_s",
+        0.25,
+        "seconds between saves of a streaming message's text so far (readers on other instances resume from it;"
+        " after a crash it becomes a partial entry); 0: not saved",
+    ),
+    Setting(
         "max_interruptions",
-        5,
+        DEFAULT_MAX_INTERRUPTIONS,
         "times the process may die while running one message before it ends with a final run_failed; 0: no cap",
     ),
     Setting("max_body_bytes", 1_048_576, "largest HTTP request body (413 too_large beyond)"),
@@ -130,7 +137,8 @@ class Config:
     retry_max_delay_s: float = 60.0
     stop_timeout_s: float = 10.0
     stall_timeout_s: float = 900.0
-    max_interruptions: int = 5
+    draft_interval_s: float = 0.25
+    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
     max_body_bytes: int = 1_048_576
     max_frame_bytes: int = 262_144
     max_message_chars: int = 100_000
@@ -171,7 +179,7 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.stop_timeout_s <= 0:
             raise ConfigError("stop_timeout_s must be positive")
-        for name in ("stall_timeout_s", "max_interruptions"):
+        for name in ("stall_timeout_s", "max_interruptions", "draft_interval_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.heartbeat_s >= self.lease_s:

@@ -13,10 +13,33 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from service.models import Entry
+from service.models import Draft, Entry
 
 # A durable entry, or an ephemeral frame (a dict with "seq": None).
 Item = Entry | dict[str, Any]
+
+
+class LiveDraft:
+    """The message a run of this process is streaming right now: its text so far, chunk by chunk. Readers that
+    go live in the middle of it start from this text (``service.stream``); chunk frames carry ``offset``, the
+    length of the text before them, so nothing is sent twice."""
+
+    def __init__(self, run_id: str, message_id: str, source: str) -> None:
+        self.run_id, self.message_id, self.source = run_id, message_id, source
+        self._parts: list[str] = []
+        self.length = 0  # characters (code points) streamed so far
+
+    def add(self, text: str) -> int:
+        """Append a chunk's text; its offset."""
+        offset = self.length
+        self._parts.append(text)
+        self.length += len(text)
+        return offset
+
+    def snapshot(self) -> Draft:
+        text = "".join(self._parts)
+        self._parts = [text]
+        return Draft(self.run_id, self.message_id, self.source, text)
 
 
 class Subscription:
@@ -49,6 +72,7 @@ class Hub:
         self.buffer_size = buffer_size
         self._on_publish = on_publish  # counts committed entries (metrics)
         self._subs: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._drafts: dict[str, LiveDraft] = {}  # by session: the message being streamed in this process
 
     def publish(self, session_id: str, entries: Sequence[Entry]) -> None:
         """Committed entries, in seq order (call only after the commit)."""
@@ -61,6 +85,18 @@ class Hub:
     def publish_ephemeral(self, session_id: str, frame: dict[str, Any]) -> None:
         for sub in list(self._subs.get(session_id, ())):
             sub.offer(frame)
+
+    def start_draft(self, session_id: str, draft: LiveDraft) -> None:
+        self._drafts[session_id] = draft
+
+    def end_draft(self, session_id: str, draft: LiveDraft) -> None:
+        if self._drafts.get(session_id) is draft:
+            del self._drafts[session_id]
+
+    def draft(self, session_id: str) -> Draft | None:
+        """The text streamed so far of the message this process is streaming in the session, or None."""
+        live = self._drafts.get(session_id)
+        return None if live is None else live.snapshot()
 
     def notify_commit(self, session_id: str, last_seq: int) -> None:
         """Another process committed up to ``last_seq``: readers must re-read the store (they see it as a lag)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -128,6 +129,41 @@ def ephemeral(session_id: str, item: dict[str, Any]) -> dict[str, Any]:
     return {"seq": None, "session_id": session_id, **item}
 
 
+CHUNK = "ModelClientStreamingChunkEvent"
+
+
+def chunk_frame(
+    session_id: str,
+    draft: Draft,
+    text: str,
+    offset: int,
+    *,
+    created_at: datetime,
+    metadata: dict[str, Any] | None = None,
+    resumed: bool = False,
+) -> dict[str, Any]:
+    """A live frame with streamed text of ``draft``'s message (README "Streaming"): the log entry's keys with
+    ``seq`` null, plus ``full_message_id`` (the ``metadata.id`` of the durable message that follows), ``offset``
+    (characters of the message before ``text``) and, on the frame that catches a reader up, ``resumed``."""
+    frame = ephemeral(
+        session_id,
+        {
+            "type": CHUNK,
+            "source": draft.source,
+            "content": text,
+            "created_at": iso(created_at),
+            "run_id": draft.run_id,
+            "client_msg_id": None,
+            "metadata": metadata or {},
+            "full_message_id": draft.message_id,
+            "offset": offset,
+        },
+    )
+    if resumed:
+        frame["resumed"] = True
+    return frame
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     session_id: str
@@ -201,6 +237,42 @@ class CancelRequest:
     @property
     def cancelled(self) -> bool:
         return self.running or self.entry is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """The text streamed so far of a message not yet in the log. ``message_id`` is AutoGen's message id: the
+    chunks' ``full_message_id`` and the ``metadata.id`` of the durable message that will replace it."""
+
+    run_id: str
+    message_id: str
+    source: str
+    text: str
+
+
+class PartialReason(enum.StrEnum):
+    """Why a streamed message ended before it was complete (``metadata.partial_reason``)."""
+
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    STALLED = "stalled"
+
+
+def partial(draft: Draft, reason: PartialReason) -> NewEntry:
+    """The durable entry for a message cut off mid-stream: a ``TextMessage`` holding the text streamed so far,
+    with the chunks' id and ``partial: true`` (README "Streaming")."""
+    return NewEntry(
+        type="TextMessage",
+        source=draft.source,
+        content=draft.text,
+        metadata={"id": draft.message_id, "partial": True, "partial_reason": reason.value},
+    )
+
+
+def message_ids(entries: Sequence[NewEntry]) -> list[str]:
+    """AutoGen message ids among ``entries`` (``metadata.id``): appending one of them retires its draft."""
+    return [str(e.metadata["id"]) for e in entries if isinstance(e.metadata.get("id"), str)]
 
 
 def lifecycle(type_: str, content: str, **details: Any) -> NewEntry:

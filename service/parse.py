@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from service.config import Config
 from service.errors import BadRequest, TooLarge
+from service.text import repair_json
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: "$" would also accept a trailing newline
 MAX_CLIENT_MSG_ID = 128
@@ -52,10 +54,29 @@ def json_object(raw: bytes | str, what: str = "the body") -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"{what} is not valid JSON") from exc
+        data = _with_lone_surrogates(raw)
+        if data is None:
+            raise BadRequest(f"{what} is not valid JSON") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return data
+
+
+def _with_lone_surrogates(raw: bytes | str) -> Any:
+    """JSON that orjson refuses only for a lone surrogate escape ("\\ud83d", what a browser's JSON.stringify
+    writes for broken text): parsed by the standard library and repaired (U+FFFD), so the message is taken
+    instead of being refused on every resend. None when it is not valid JSON for another reason."""
+    text = raw.decode("utf-8", "strict") if isinstance(raw, bytes) else raw
+    if "\\u" not in text:
+        return None
+    try:
+        return repair_json(json.loads(text, parse_constant=_no_constant))
+    except ValueError:  # JSONDecodeError, a bad constant, or bytes that are not UTF-8
+        return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def body(request: web.Request) -> dict[str, Any]:

@@ -214,7 +214,8 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (1, "initial"),
         (2, "input_failures"),
         (3, "answers_and_interruptions"),
-        (4, "verb_functions"),
+        (4, "drafts"),
+        (5, "verb_functions"),
     ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes

@@ -27,6 +27,7 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     NewEntry,
     SessionStatus,
     interrupted,
@@ -633,7 +634,7 @@ async def test_retry_waits_for_not_before_and_blocks_its_session(store: Store, c
     await store.enqueue(ALICE, "s1", "after it", None)
     await store.enqueue(ALICE, "s2", "other session", None)
     claim = await claim_one(store)
-    entry = await store.retry(claim, failed(retrying=True), clock.now + timedelta(seconds=5))
+    [entry] = await store.retry(claim, failed(retrying=True), clock.now + timedelta(seconds=5))
     assert (entry.type, entry.run_id, entry.metadata["retrying"]) == (RUN_FAILED, claim.run_id, True)
     assert await status(store, "s1") is SessionStatus.QUEUED
     assert await store.counts() == {"queued": 3, "running": 0}
@@ -656,7 +657,7 @@ async def test_retry_waits_for_not_before_and_blocks_its_session(store: Store, c
 async def test_release_requeues_at_once(store: Store) -> None:
     await store.enqueue(ALICE, "s1", "long job", None)
     claim = await claim_one(store)
-    entry = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    [entry] = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
     assert (entry.type, entry.run_id, entry.seq) == (RUN_INTERRUPTED, claim.run_id, 3)
     assert await status(store, "s1") is SessionStatus.QUEUED
     again = await claim_one(store)
@@ -808,15 +809,6 @@ async def test_request_cancel(store: Store) -> None:
     assert not await store.cancel_requested(nxt)
 
 
-async def test_cancel_request_does_not_survive_a_retry(store: Store, clock: FakeClock) -> None:
-    await store.enqueue(ALICE, "s1", "one", None)
-    claim = await claim_one(store)
-    assert (await store.request_cancel(ALICE, "s1")).running
-    await store.release(claim, interrupted(claim.input_seq, claim.attempt))
-    again = await claim_one(store)
-    assert not await store.cancel_requested(again)
-
-
 async def test_deleted_session_asks_its_run_to_stop(store: Store) -> None:
     # Decision (the contract is silent): a run whose input is gone should stop, like a cancelled one.
     await store.enqueue(ALICE, "s1", "one", None)
@@ -874,6 +866,28 @@ async def test_cancel_ends_a_pending_retry(store: Store, clock: FakeClock) -> No
     assert await store.request_cancel(ALICE, "s1") == CancelRequest(running=True)
 
 
+@pytest.mark.parametrize("how", ["retry", "release", "crash"])
+async def test_a_cancel_is_never_undone_by_a_requeue(store: Store, clock: FakeClock, how: str) -> None:
+    """A run asked to stop that then fails, is shut down or dies ends with run_cancelled: never queued again."""
+    await store.enqueue(ALICE, "s1", "one", None)
+    nxt = await store.enqueue(ALICE, "s1", "two", None)
+    claim = await claim_one(store, lease_s=10)
+    assert (await store.request_cancel(ALICE, "s1")).running
+    if how == "retry":
+        written = await store.retry(claim, failed(retrying=True), clock())
+    elif how == "release":
+        written = await store.release(claim, interrupted(claim.input_seq, claim.attempt))
+    else:
+        clock.advance(11)
+        written = await store.recover_expired()
+    assert [e.type for e in written][-1] == RUN_CANCELLED
+    assert written[-1].to_json()["input_seq"] == claim.input_seq
+    assert (await store.read_log("s1")).messages[-len(written) :] == written
+    clock.advance(120)
+    following = await claim_one(store)
+    assert following.input_seq == nxt.seq  # the cancelled input never runs again
+
+
 @pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
 async def test_interruptions_are_capped(store_url: str, clock: FakeClock) -> None:
     """At max_interruptions deaths recovery ends the input with a final run_failed; graceful releases and
@@ -915,6 +929,46 @@ async def test_reset_team_state(store: Store) -> None:
     assert await store.reset_team_state(ALICE, "nope") is None
     await store.enqueue(ALICE, "s1", "two", None)
     assert (await claim_one(store)).team_state is None
+
+
+async def test_drafts_live_until_their_message_or_the_run_ends(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store)
+    assert await store.read_draft("s1") is None
+    await store.save_draft(claim, Draft(claim.run_id, "m-1", "assistant", "Hel"))
+    await store.save_draft(claim, Draft(claim.run_id, "m-1", "assistant", "Hello wo\u0000"))
+    assert await store.read_draft("s1") == Draft(claim.run_id, "m-1", "assistant", "Hello wo\u0000")
+    await store.append(claim, [NewEntry("TextMessage", "assistant", "other", {"id": "m-0"})])
+    assert await store.read_draft("s1") is not None  # another message: the draft stays
+    await store.append(claim, [NewEntry("TextMessage", "assistant", "Hello world", {"id": "m-1"})])
+    assert await store.read_draft("s1") is None  # its message is in the log
+    await store.save_draft(claim, Draft(claim.run_id, "m-2", "assistant", "Bye"))
+    await store.finish(claim, completed(), None)
+    assert await store.read_draft("s1") is None
+    with pytest.raises(LeaseLost):
+        await store.save_draft(claim, Draft(claim.run_id, "m-3", "assistant", "late"))
+    assert await store.read_draft("s1") is None
+
+
+async def test_a_dead_runs_draft_becomes_a_partial_entry(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store, lease_s=10)
+    await store.save_draft(claim, Draft(claim.run_id, "m-1", "assistant", "Half an ans"))
+    clock.advance(11)
+    cut, note = await store.recover_expired()
+    assert (cut.type, cut.source, cut.content, cut.run_id) == (
+        "TextMessage",
+        "assistant",
+        "Half an ans",
+        claim.run_id,
+    )
+    assert cut.metadata == {"id": "m-1", "partial": True, "partial_reason": "interrupted"}
+    assert note.type == RUN_INTERRUPTED and note.seq == cut.seq + 1
+    assert await store.read_draft("s1") is None
+    again = await claim_one(store)
+    await store.save_draft(again, Draft(again.run_id, "m-9", "assistant", "x"))
+    await store.release(again, interrupted(again.input_seq, again.attempt))
+    assert await store.read_draft("s1") is None  # a graceful stop wrote its own partial entry
 
 
 # --- owners ---------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ async def test_chunk_frames_have_the_entry_shape(client: Client) -> None:
     frames = await receive_until(ws, completed)
     entry_keys = set(durable(frames)[0])
     chunk = next(f for f in frames if f.get("seq") is None and "created_at" in f)
-    assert set(chunk) == entry_keys | {"full_message_id"}
+    assert set(chunk) == entry_keys | {"full_message_id", "offset"}
     assert chunk["run_id"] == durable(frames)[-1]["run_id"] and chunk["created_at"].endswith("Z")
     assert len(chunk["created_at"]) == len("2026-11-24T10:00:00.123Z")
     await ws.close()

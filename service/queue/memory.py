@@ -29,16 +29,20 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
     Page,
+    PartialReason,
     Session,
     SessionStatus,
     interruption,
+    message_ids,
     new_lease_token,
     new_run_id,
     new_session_id,
+    partial,
     retry_cancelled,
     started,
     team_reset,
@@ -91,6 +95,7 @@ class _Session:
     state: dict[str, Any] | None = None
     awaiting: bool = False
     failed: bool = False  # the last run ended with a final run_failed
+    draft: Draft | None = None
 
     def public(self, status: SessionStatus) -> Session:
         return Session(
@@ -304,7 +309,19 @@ class MemoryStore:
             out = [_copy_entry(self._append(row, new, claim.run_id, None)) for new in entries]
             if any(new.type == USER_INPUT_REQUESTED for new in entries):
                 row.awaiting = True
+            if row.draft is not None and row.draft.message_id in message_ids(entries):
+                row.draft = None
             return out
+
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        async with self._lock:
+            row, _ = self._fenced(claim)
+            row.draft = draft
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        async with self._lock:
+            row = self._sessions.get(session_id)
+            return None if row is None else row.draft
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         async with self._lock:
@@ -343,16 +360,16 @@ class MemoryStore:
                 row.state = _clone(team_state)
             return _copy_entry(self._end(row, item, entry, claim.run_id))
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         async with self._lock:
             row, item = self._fenced(claim)
             item.failures += 1
-            return _copy_entry(self._requeue(row, item, entry, claim.run_id, not_before))
+            return [_copy_entry(e) for e in self._requeue(row, item, entry, claim.run_id, not_before)]
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         async with self._lock:
             row, item = self._fenced(claim)
-            return _copy_entry(self._requeue(row, item, entry, claim.run_id, self._clock()))
+            return [_copy_entry(e) for e in self._requeue(row, item, entry, claim.run_id, self._clock())]
 
     async def recover_expired(self) -> list[Entry]:
         async with self._lock:
@@ -365,6 +382,11 @@ class MemoryStore:
             out = []
             for item in sorted(dead, key=lambda i: i.input_id):
                 row = self._sessions[item.session_id]
+                if row.draft is not None and row.draft.run_id == item.run_id:
+                    # what the dead run had streamed of its last message
+                    cut = partial(row.draft, PartialReason.INTERRUPTED)
+                    out.append(_copy_entry(self._append(row, cut, item.run_id, None)))
+                row.draft = None
                 entry, final = interruption(
                     item.seq, item.attempt, item.interruptions, self._max_interruptions
                 )
@@ -372,7 +394,7 @@ class MemoryStore:
                     out.append(_copy_entry(self._end(row, item, entry, item.run_id)))
                 else:
                     item.interruptions += 1
-                    out.append(_copy_entry(self._requeue(row, item, entry, item.run_id, now)))
+                    out += [_copy_entry(e) for e in self._requeue(row, item, entry, item.run_id, now)]
             return out
 
     async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
@@ -471,6 +493,7 @@ class MemoryStore:
     def _end(self, row: _Session, item: _Input, entry: NewEntry, run_id: str) -> Entry:
         """The input is done: append its terminal ``entry``; the session's next input becomes its head."""
         written = self._append(row, entry, run_id, None)
+        row.draft = None
         row.pending.remove(item.input_id)
         del self._inputs[item.input_id]
         row.awaiting = False
@@ -482,8 +505,12 @@ class MemoryStore:
 
     def _requeue(
         self, row: _Session, item: _Input, entry: NewEntry, run_id: str, not_before: datetime
-    ) -> Entry:
+    ) -> list[Entry]:
+        """Append ``entry`` and queue the input again, keeping its place; an input asked to stop ends instead
+        (``run_cancelled``): a cancel is never undone by a retry, a shutdown or a crash."""
         written = self._append(row, entry, run_id, None)
+        if item.cancel:
+            return [written, self._end(row, item, retry_cancelled(item.seq, item.attempt), run_id)]
         item.status = QUEUED
         item.attempt += 1
         item.not_before = not_before
@@ -492,9 +519,10 @@ class MemoryStore:
         item.cancel = False
         row.awaiting = False
         row.failed = False
+        row.draft = None
         self._push_head(row)
         self._wake()
-        return written
+        return [written]
 
     def _push_head(self, row: _Session) -> None:
         head = row.pending[0]

@@ -20,6 +20,7 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
@@ -195,6 +196,13 @@ class SqliteStore:
         now = self.clock()
         return await self._writer.write(lambda c: queue.append(c, now, claim, entries))
 
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        now = self.clock()
+        await self._writer.write(lambda c: queue.save_draft(c, now, claim, draft))
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        return await self._reader.read(lambda c: queue.read_draft(c, session_id))
+
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         now = self.clock()
         return await self._writer.write(lambda c: queue.heartbeat(c, now, claim, lease_s))
@@ -212,7 +220,7 @@ class SqliteStore:
         self._work.set()  # the session's next input (if any) just became claimable
         return done
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()
         done = await self._writer.write(
             lambda c: queue.requeue(c, now, claim, entry, not_before, failed=True)
@@ -220,7 +228,7 @@ class SqliteStore:
         self._work.set()
         return done
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         now = self.clock()
         done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now, failed=False))
         self._work.set()

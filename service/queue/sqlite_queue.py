@@ -17,13 +17,17 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
+    PartialReason,
     SessionStatus,
     interruption,
+    message_ids,
     new_lease_token,
     new_run_id,
+    partial,
     retry_cancelled,
     started,
     team_reset,
@@ -150,7 +154,33 @@ def append(db: Db, now: datetime, claim: Claim, news: Sequence[NewEntry]) -> lis
     last = fence(db, claim)
     asks = any(n.type == USER_INPUT_REQUESTED for n in news)
     status = SessionStatus.AWAITING_INPUT if asks else None
-    return append_entries(db, now, claim.session_id, news, claim.run_id, last=last, status=status)
+    written = append_entries(db, now, claim.session_id, news, claim.run_id, last=last, status=status)
+    ids = message_ids(news)
+    if ids:  # the message a draft was streaming is now in the log
+        marks = ", ".join("?" * len(ids))
+        db.execute(
+            f"DELETE FROM drafts WHERE session_id = ? AND message_id IN ({marks})", (claim.session_id, *ids)
+        )
+    return written
+
+
+SAVE_DRAFT = """INSERT INTO drafts (session_id, run_id, message_id, source, content, updated_at)
+VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET run_id = excluded.run_id,
+message_id = excluded.message_id, source = excluded.source, content = excluded.content,
+updated_at = excluded.updated_at"""
+DROP_DRAFT = "DELETE FROM drafts WHERE session_id = ?"
+
+
+def save_draft(db: Db, now: datetime, claim: Claim, draft: Draft) -> None:
+    fence(db, claim)
+    args = (claim.session_id, draft.run_id, draft.message_id, draft.source, draft.text, stamp(now))
+    db.execute(SAVE_DRAFT, args)
+
+
+def read_draft(db: Db, session_id: str) -> Draft | None:
+    sql = "SELECT run_id, message_id, source, content FROM drafts WHERE session_id = ?"
+    row = db.execute(sql, (session_id,)).fetchone()
+    return None if row is None else Draft(row[0], row[1], row[2], row[3])
 
 
 def heartbeat(db: Db, now: datetime, claim: Claim, lease_s: float) -> bool:
@@ -205,6 +235,7 @@ def _ended(
     """Append the terminal ``entry`` of an input just marked done; the session is queued when more inputs
     wait, else failed (a final run_failed) or idle."""
     status = SessionStatus.FAILED if entry.type == RUN_FAILED else SessionStatus.IDLE
+    db.execute(DROP_DRAFT, (session_id,))
     (done,) = append_entries(
         db, now, session_id, [entry], run_id, status=status, queued_first=True, team_state=team_state
     )
@@ -213,14 +244,22 @@ def _ended(
 
 def requeue(
     db: Db, now: datetime, claim: Claim, entry: NewEntry, not_before: datetime, *, failed: bool
-) -> Entry:
-    """retry() (failed) and release(): the input goes back to the queue, keeping its place, with attempt + 1."""
-    args = (int(failed), 0, not_before.timestamp(), claim.input_id, claim.lease_token)
-    if db.execute(REQUEUE, args).rowcount == 0:
+) -> list[Entry]:
+    """retry() (failed) and release(): the input goes back to the queue, keeping its place, with attempt + 1;
+    an input asked to stop ends instead (``run_cancelled``): a cancel is never undone by a retry or a stop."""
+    sql = "SELECT cancel_requested FROM inputs WHERE id = ? AND lease_token = ? AND status = 'running'"
+    flag = db.execute(sql, (claim.input_id, claim.lease_token)).fetchone()
+    if flag is None:
         raise LeaseLost()
+    if flag[0]:
+        db.execute(DONE, (claim.input_id, claim.lease_token))
+        written = append_entries(db, now, claim.session_id, [entry], claim.run_id)
+        stop = retry_cancelled(claim.input_seq, claim.attempt)
+        return [*written, _ended(db, now, claim.session_id, stop, claim.run_id)]
+    db.execute(REQUEUE, (int(failed), 0, not_before.timestamp(), claim.input_id, claim.lease_token))
+    db.execute(DROP_DRAFT, (claim.session_id,))
     status = SessionStatus.QUEUED
-    (done,) = append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
-    return done
+    return append_entries(db, now, claim.session_id, [entry], claim.run_id, status=status)
 
 
 def recover_expired(
@@ -228,15 +267,24 @@ def recover_expired(
 ) -> list[Entry]:
     """Re-queue (or, at the interruption cap, end) running inputs whose lease expired before ``cutoff``."""
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
-    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
-    WHERE status = 'running' AND lease_expires_at < ?"""
+    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions, cancel_requested
+    FROM inputs WHERE status = 'running' AND lease_expires_at < ?"""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token, died in sorted(
+    for input_id, session_id, input_seq, attempt, run_id, token, died, stop in sorted(
         db.execute(sql, ((cutoff or now).timestamp(),))
     ):
+        draft = read_draft(db, session_id)
+        if draft is not None:
+            db.execute(DROP_DRAFT, (session_id,))
+            if draft.run_id == run_id:  # what the dead run had streamed of its last message
+                cut = partial(draft, PartialReason.INTERRUPTED)
+                recovered += append_entries(db, now, session_id, [cut], run_id)
         entry, final = interruption(input_seq, attempt, died, max_interruptions)
-        if final:
+        if final or stop:  # at the cap, or asked to stop before it died: it ends here
             db.execute(DONE, (input_id, token))
+            if stop and not final:
+                recovered += append_entries(db, now, session_id, [entry], run_id)
+                entry = retry_cancelled(input_seq, attempt)
             recovered.append(_ended(db, now, session_id, entry, run_id))
             continue
         db.execute(REQUEUE, (0, 1, now.timestamp(), input_id, token))  # an interruption, not a failure

@@ -23,9 +23,15 @@ Rules every backend keeps:
   ``Conflict`` (duplicate ids) or ``IncompatibleDatabase`` (migrations from a newer version), ``from`` the original.
 * **Answers belong to their run.** ``take_answer`` binds the answer to the asking input until that input ends:
   every later attempt of it (after a failure, a shutdown or a crash) gets the same answers in the same order.
+* **A cancel is never undone.** An input whose run was asked to stop is never queued again: ``retry``,
+  ``release`` and recovery end it with a ``run_cancelled`` instead.
 * **Interruptions are capped.** Recovery re-queues an input whose process died, until it died
   ``max_interruptions`` times (the store's constructor argument): then it ends with a final ``run_failed``
   (``models.interruption`` decides, for every backend).
+* **Drafts.** A session has at most one draft (the text streamed so far of a message not yet in the log).
+  Appending the message itself (an entry whose ``metadata.id`` is the draft's ``message_id``) deletes it in the
+  same transaction; ``finish``/``retry``/``release`` delete it (the run wrote the partial entry itself); lease
+  recovery turns a dead run's draft into a partial entry (``models.partial``) before its lifecycle entry.
 * **Time** comes from the ``clock`` the backend was built with (tests pass a fake one).
 """
 
@@ -35,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
-from service.models import Answer, CancelRequest, Claim, Enqueued, Entry, NewEntry, Page, Session
+from service.models import Answer, CancelRequest, Claim, Draft, Enqueued, Entry, NewEntry, Page, Session
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
@@ -131,6 +137,12 @@ class Store(Protocol):
         """Append entries of this run (``run_id`` = claim.run_id) atomically. A ``UserInputRequestedEvent`` sets
         the session ``awaiting_input``. LeaseLost if fenced."""
 
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        """Store ``draft`` as the session's draft (replacing any). LeaseLost if fenced."""
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        """The session's draft, or None. Not owner-checked (callers check with ``get_session`` first)."""
+
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         """Extend the lease to now + lease_s. False when the lease is lost (nothing is changed then)."""
 
@@ -148,15 +160,16 @@ class Store(Protocol):
         save ``team_state`` (when not None) in the same transaction, and update the session's status. LeaseLost
         if fenced."""
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         """The run failed and will be tried again: append ``entry`` (run_failed, retrying) and put the input back
         in the queue with attempt + 1 and failures + 1 (``Claim.failures`` of its next claim), claimable from
-        ``not_before``. LeaseLost if fenced."""
+        ``not_before``. An input asked to stop (``request_cancel``) ends instead with a ``run_cancelled`` after
+        ``entry``. Returns the appended entries. LeaseLost if fenced."""
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         """Graceful shutdown: append ``entry`` (run_interrupted) and put the input back in the queue with
-        attempt + 1 (failures unchanged: an interruption is not a failure), claimable at once. LeaseLost if
-        fenced."""
+        attempt + 1 (failures unchanged: an interruption is not a failure), claimable at once. An input asked to
+        stop ends instead, as in ``retry``. Returns the appended entries. LeaseLost if fenced."""
 
     async def recover_expired(self) -> list[Entry]:
         """For each running input whose lease expired (its process died): append ``run_interrupted`` (with

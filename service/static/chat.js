@@ -4,7 +4,16 @@
 
 import { api, uuid } from "./api.js";
 import * as outbox from "./outbox.js";
-import { appendChunk, isLifecycle, renderEntry, renderPending, renderStreaming } from "./render.js";
+import {
+  appendChunk,
+  flushStreaming,
+  isLifecycle,
+  renderEntry,
+  renderPending,
+  renderStreaming,
+  setStreamText,
+  streamedPrefix,
+} from "./render.js";
 import { ChatSocket } from "./socket.js";
 
 const PAGE = 50;
@@ -12,6 +21,8 @@ const ACK_DELAY_MS = 250;
 const ACTIVE = new Set(["queued", "running", "awaiting_input", "retrying"]);
 // Frames of the socket itself; some carry a "seq" (an ack's) that is not a log entry's.
 const CONTROL = new Set(["session", "ack", "error", "pong"]);
+// How many message ids of durable entries to remember, to ignore a late chunk of a message already on screen.
+const DONE_IDS = 500;
 
 function field(entry, name) {
   if (entry[name] !== undefined && entry[name] !== null) return entry[name];
@@ -44,6 +55,7 @@ export class ChatView {
     this.loadingOlder = false;
     this.toolCalls = new Map();
     this.streams = new Map();
+    this.doneIds = new Set();
     this.chain = Promise.resolve();
     this.status = "idle";
     this.asked = false;
@@ -152,6 +164,7 @@ export class ChatView {
       outbox.remove(entry.client_msg_id);
     } else if (entry.source !== "user" && !isLifecycle(entry)) {
       this.dropStream(entry);
+      this.rememberDone(entry);
     }
     this.log.append(renderEntry(entry, this.toolCalls));
     this.shown = entry.seq;
@@ -308,7 +321,13 @@ export class ChatView {
 
   // ---- streaming ----
 
+  /**
+   * One streamed chunk (README "Streaming": `seq` null, `full_message_id`, `offset`). The text before `offset`
+   * is kept and the chunk's text put after it, so a resumed chunk after a reconnect (the whole text so far,
+   * offset 0) or after a lag (the rest, from where this connection was) never shows a piece twice or leaves one out.
+   */
   streamChunk(frame) {
+    if (frame.full_message_id && this.doneIds.has(frame.full_message_id)) return; // already durable on screen
     const key = frame.full_message_id || `source:${frame.source}`;
     let node = this.streams.get(key);
     const stick = this.nearBottom();
@@ -318,30 +337,41 @@ export class ChatView {
       const firstPending = this.live.querySelector("[data-pending]");
       this.live.insertBefore(node, firstPending);
     }
-    appendChunk(node, typeof frame.content === "string" ? frame.content : "");
+    const text = typeof frame.content === "string" ? frame.content : "";
+    if (Number.isInteger(frame.offset)) setStreamText(node, streamedPrefix(node, frame.offset) + text);
+    else appendChunk(node, text);
     if (stick) this.scrollToBottom();
+  }
+
+  rememberDone(entry) {
+    const id = messageId(entry);
+    if (!id) return;
+    this.doneIds.add(id);
+    if (this.doneIds.size > DONE_IDS) this.doneIds.delete(this.doneIds.values().next().value);
+  }
+
+  removeStream(key, node) {
+    flushStreaming(node);
+    node.remove();
+    this.streams.delete(key);
   }
 
   dropStream(entry) {
     const id = messageId(entry);
     if (id && this.streams.has(id)) {
-      this.streams.get(id).remove();
-      this.streams.delete(id);
+      this.removeStream(id, this.streams.get(id));
       return;
     }
     if (entry.type !== "TextMessage") return;
-    // No id to match on: the durable message of a source replaces that source's streaming bubble.
+    // No id to match on: the durable message of a source replaces that source's streaming bubble (one without an id).
     for (const [key, node] of this.streams) {
-      if (node.dataset.source === (entry.source || "")) {
-        node.remove();
-        this.streams.delete(key);
-      }
+      const sameSource = node.dataset.source === (entry.source || "");
+      if (sameSource && (!id || !node.dataset.messageId)) this.removeStream(key, node);
     }
   }
 
   clearStreams() {
-    for (const node of this.streams.values()) node.remove();
-    this.streams.clear();
+    for (const [key, node] of this.streams) this.removeStream(key, node);
   }
 
   // ---- scrolling ----

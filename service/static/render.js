@@ -1,4 +1,7 @@
-// Log entries -> DOM elements. Text always goes in through textContent: nothing the agents say is HTML.
+// Log entries -> DOM elements. Agents' text messages are Markdown, rendered and sanitised by markdown.js; everything
+// else (the user's own messages, tool calls, status lines) goes in through textContent.
+
+import { renderMarkdownInto } from "./markdown.js";
 
 const LIFECYCLE = new Set(["run_started", "run_completed", "run_cancelled", "run_failed", "run_interrupted"]);
 
@@ -52,13 +55,34 @@ function formatArgs(raw) {
   return asText(args);
 }
 
-function bubble(kind, source, text, time) {
+function bubble(kind, source, text, time, markdown = false) {
   const li = el("li", `msg ${kind}`);
   const head = el("div", "meta");
   head.append(el("span", "who", kind.startsWith("user") ? "You" : source || "agent"));
   if (time) head.append(el(kind.includes("pending") ? "span" : "time", "when", time));
-  li.append(head, el("div", "text", text));
+  let body;
+  if (markdown) {
+    body = el("div", "text md");
+    renderMarkdownInto(body, text);
+  } else {
+    body = el("div", "text", text);
+  }
+  li.append(head, body);
   return li;
+}
+
+const PARTIAL_REASONS = new Set(["cancelled", "interrupted", "failed", "stalled"]);
+
+/** A message the run left unfinished (README "Log entries", `metadata.partial`): say so, and why. */
+function markPartial(node, entry) {
+  const raw = field(entry, "partial_reason");
+  const reason = PARTIAL_REASONS.has(raw) ? raw : "";
+  node.classList.add("partial");
+  node.dataset.partial = "true";
+  if (reason) node.dataset.partialReason = reason;
+  const mark = el("span", "partial-mark", reason ? `partial: ${reason}` : "partial");
+  mark.title = "The run stopped before this answer was finished; this is the text streamed until then.";
+  node.querySelector(".meta").append(mark);
 }
 
 function statusLine(kind, text) {
@@ -74,6 +98,13 @@ export function renderEntry(entry, toolCalls) {
   let node;
   switch (entry.type) {
     case "TextMessage":
+      if (entry.source === "user") {
+        node = bubble("user", entry.source, asText(entry.content), time);
+      } else {
+        node = bubble("agent", entry.source, asText(entry.content), time, true);
+        if (field(entry, "partial")) markPartial(node, entry);
+      }
+      break;
     case "StopMessage":
     case "MultiModalMessage":
       node = bubble(entry.source === "user" ? "user" : "agent", entry.source, asText(entry.content), time);
@@ -151,17 +182,59 @@ export function renderPending(item) {
   return node;
 }
 
-/** A live streaming bubble, grown chunk by chunk, replaced by its durable message. */
+/** A live streaming bubble, grown chunk by chunk (as Markdown), replaced by its durable message. */
 export function renderStreaming(source, messageId) {
-  const node = bubble("agent streaming", source, "");
+  const node = bubble("agent streaming", source, "", undefined, true);
   node.dataset.testid = "message";
   node.dataset.streaming = "true";
   node.dataset.source = source || "";
   if (messageId) node.dataset.messageId = messageId;
   node.setAttribute("aria-busy", "true");
+  streamed.set(node, "");
   return node;
 }
 
+// The raw text of each streaming bubble; it is re-rendered at most once per animation frame, however fast the
+// chunks come (a resumed stream starts with the whole text so far, then many small chunks).
+const streamed = new WeakMap();
+const dirty = new Set();
+let frame = 0;
+
+function renderDirty() {
+  frame = 0;
+  for (const node of dirty) renderMarkdownInto(node.querySelector(".text"), streamed.get(node) || "");
+  dirty.clear();
+}
+
+function schedule(node) {
+  dirty.add(node);
+  if (!frame) frame = requestAnimationFrame(renderDirty);
+}
+
+/** The text streamed so far in `node`. */
+export function streamedText(node) {
+  return streamed.get(node) || "";
+}
+
 export function appendChunk(node, text) {
-  node.querySelector(".text").textContent += text;
+  streamed.set(node, streamedText(node) + text);
+  schedule(node);
+}
+
+/** The first `offset` characters (Unicode code points, as the server counts) of a bubble's streamed text. */
+export function streamedPrefix(node, offset) {
+  const text = streamedText(node);
+  return offset >= text.length ? text : Array.from(text).slice(0, offset).join("");
+}
+
+/** A resumed stream's first chunk: the whole text so far replaces whatever this bubble had (never doubled). */
+export function setStreamText(node, text) {
+  streamed.set(node, text);
+  schedule(node);
+}
+
+/** Renders a bubble's pending text now (before it leaves the page, so what it last showed is complete). */
+export function flushStreaming(node) {
+  if (!dirty.delete(node)) return;
+  renderMarkdownInto(node.querySelector(".text"), streamedText(node));
 }

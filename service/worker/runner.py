@@ -42,16 +42,20 @@ from service.models import (
     RUN_COMPLETED,
     RUN_FAILED,
     Claim,
+    Draft,
     Entry,
     NewEntry,
+    PartialReason,
     interrupted,
     lifecycle,
+    partial,
 )
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.worker.logs import error_line
-from service.worker.messages import chunk_frame, to_entry
-from service.worker.state import drop_delivered_buffers, prepare_state, resume_task
+from service.worker.messages import to_entry
+from service.worker.state import drop_delivered_buffers, prepare_state, remember_partial, resume_task
+from service.worker.streaming import Streamer
 from service.worker.teams import TeamRegistry
 
 log = logging.getLogger(__name__)
@@ -77,7 +81,8 @@ class StopTimedOut(Exception):
 
 
 class PermanentError(Exception):
-    """The run cannot succeed by retrying (the team cannot be built, or cannot load this session's state)."""
+    """The run ends without a retry: retrying cannot help (the team cannot be built, or cannot load this
+    session's state) or must not happen (the run stalled)."""
 
 
 class Outcome(enum.StrEnum):
@@ -98,14 +103,21 @@ class RunDeps:
     clock: Clock
     poll_interval_s: float
     stop_timeout_s: float = 10.0
-    stall_timeout_s: float = 0.0  # 0: no stall detection
+    stall_timeout_s: float = 900.0  # 0: no stall detection
+    draft_interval_s: float = 0.25  # 0: streamed text is not saved as a draft
 
 
 def participants(team: Team) -> list[Any]:
-    """The team's agents, nested teams included."""
+    """The team's agents, nested teams (and the team inside an agent, such as a SocietyOfMindAgent) included."""
     found: list[Any] = []
     for participant in getattr(team, "_participants", []):
-        found.extend(participants(participant) if isinstance(participant, Team) else [participant])
+        if isinstance(participant, Team):
+            found.extend(participants(participant))
+            continue
+        found.append(participant)
+        inner = getattr(participant, "_team", None)
+        if isinstance(inner, Team):
+            found.extend(participants(inner))
     return found
 
 
@@ -133,10 +145,12 @@ class Run:
         self.token = CancellationToken()
         self.stop_reason: StopReason | None = None
         self.abandoned = False  # AutoGen did not end the run when asked: the team object was given up
+        self.prepared = False  # the session's state is loaded into the team (before that, its state is empty)
         self.waiting_for_input = False
         self.answers_taken = 0  # answers this attempt got (the store gives earlier attempts' answers again)
         self.last_progress = asyncio.get_running_loop().time()  # of the last item the team yielded
         self._stop_asked = asyncio.Event()
+        self.streamer = Streamer(claim, deps.store, deps.hub, deps.draft_interval_s)
         self.input_generation = 0  # +1 every time the input_func finds no answer and waits
         self.done = False
         self._poke = asyncio.Event()
@@ -191,19 +205,7 @@ class Run:
 
     async def _execute_team(self, team: Team) -> Outcome:
         try:
-            task = await self._prepare(team)
-        except LeaseLost:
-            raise
-        except Exception as exc:
-            return await self._failed(
-                PermanentError(
-                    f"team {self.claim.team!r} cannot load this session's saved state ({error_line(exc)}). "
-                    f"Reset the agents' memory with POST /sessions/{self.claim.session_id}/reset "
-                    "(the conversation log is kept), or start a new session."
-                )
-            )
-        try:
-            result = await self._stream(team, task)
+            result = await self._stream(team)
         except LeaseLost:
             raise
         except (asyncio.CancelledError, Exception) as exc:
@@ -220,11 +222,26 @@ class Run:
         self._publish([await self.deps.store.finish(self.claim, entry, state)])
         return Outcome.COMPLETED
 
+    async def _run_team(self, team: Team) -> TaskResult:
+        """Prepare the team, then run it; a team that cannot take the session's state fails for good."""
+        try:
+            task = await self._prepare(team)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            raise PermanentError(
+                f"team {self.claim.team!r} cannot load this session's saved state ({error_line(exc)}). "
+                f"Reset the agents' memory with POST /sessions/{self.claim.session_id}/reset "
+                "(the conversation log is kept), or start a new session."
+            ) from exc
+        return await self._consume(team, task)
+
     async def _prepare(self, team: Team) -> str | HandoffMessage:
         """Load the state this run starts from (``state.prepare_state``) and wire the human input; the task."""
         fresh = await team.save_state()
         state = prepare_state(self.claim.team_state, fresh)  # the saved state came with the claim
         await team.load_state(state)
+        self.prepared = True
         proxies = user_proxies(team)
         for proxy in proxies:
             # Not serialised in configs (a loaded proxy reads stdin); ours takes the session's next message.
@@ -233,20 +250,20 @@ class Run:
         self._proxy_names = frozenset(p.name for p in proxies)
         return resume_task(state, self.claim.content)
 
-    async def _stream(self, team: Team, task: str | HandoffMessage) -> TaskResult:
-        """Consume the run in an inner task, watched: a stop (cancel, shutdown, lease lost) or a stall cancels
-        the token and gives AutoGen ``stop_timeout_s`` to end; then the team is abandoned (StopTimedOut). If
-        OUR task is cancelled (a hard stop), the cancellation reaches AutoGen as a token cancel the same way."""
-        inner = asyncio.ensure_future(self._consume(team, task))
+    async def _stream(self, team: Team) -> TaskResult:
+        """Prepare and consume the run in an inner task, watched: a stop (cancel, shutdown, lease lost) or a
+        stall cancels the token and gives AutoGen ``stop_timeout_s`` to end; then the team is abandoned
+        (StopTimedOut). If OUR task is cancelled (a hard stop), the cancellation reaches AutoGen the same way."""
+        inner = asyncio.ensure_future(self._run_team(team))
         try:
             await self._watch(inner)
         except asyncio.CancelledError:
             self.token.cancel()
             with contextlib.suppress(StopTimedOut):
-                await self._settle(inner)
+                await self._settle(team, inner)
             raise
         if not inner.done():
-            await self._settle(inner)
+            await self._settle(team, inner)
         return inner.result()
 
     async def _watch(self, inner: asyncio.Future[TaskResult]) -> None:
@@ -269,21 +286,25 @@ class Run:
         finally:
             stop_asked.cancel()
 
-    async def _settle(self, inner: asyncio.Future[TaskResult]) -> None:
-        """The token is cancelled: wait up to ``stop_timeout_s`` for AutoGen to end the run, else abandon it."""
+    async def _settle(self, team: Team, inner: asyncio.Future[TaskResult]) -> None:
+        """The token is cancelled: wait up to ``stop_timeout_s`` for AutoGen to end the run, else abandon the team
+        (StopTimedOut): its runtime's tasks are cancelled, which ends a run stuck in a tool; a run that still
+        does not end is kept referenced, never awaited. Either way it writes nothing more (see _consume)."""
         done, _ = await asyncio.wait({inner}, timeout=self.deps.stop_timeout_s)
         if done:
             return
         self.abandoned = True
         log.warning(
-            "%s: the team did not stop within %.1fs of its cancellation; abandoning it (microsoft/autogen#7956)",
+            "%s: the team did not stop within %.1fs of its cancellation; abandoning it",
             self.describe(),
             self.deps.stop_timeout_s,
         )
-        # Neither awaited nor cancelled (cancelling AutoGen's runtime mid-tool corrupts its bookkeeping and
-        # logs errors): it ends by itself when the tool returns, and writes nothing more (fenced, see _consume).
-        ABANDONED.add(inner)
-        inner.add_done_callback(_forget_abandoned)
+        for task in _runtime_tasks(team):
+            task.cancel()
+        done, _ = await asyncio.wait({inner}, timeout=AFTER_RUN_TIMEOUT_S)
+        if not done:
+            ABANDONED.add(inner)
+            inner.add_done_callback(_forget_abandoned)
         raise StopTimedOut()
 
     async def _consume(self, team: Team, task: str | HandoffMessage) -> TaskResult:
@@ -298,13 +319,13 @@ class Run:
                 if isinstance(item, TaskResult):
                     result = item
                 elif isinstance(item, ModelClientStreamingChunkEvent):
-                    if self.deps.hub.has_subscribers(self.claim.session_id):  # nobody watching: skip the dump
-                        self.deps.hub.publish_ephemeral(
-                            self.claim.session_id, chunk_frame(self.claim.session_id, self.claim.run_id, item)
-                        )
+                    self.streamer.add(item)
+                    if self.streamer.lease_lost:
+                        self.stop(StopReason.LEASE_LOST)
                 elif isinstance(item, BaseChatMessage) and item.source in self._proxy_names:
                     continue  # the human's answer: already in the log as the user's own message
                 else:
+                    await self.streamer.committed()
                     await self._append([to_entry(item)])
                     if isinstance(item, UserInputRequestedEvent):
                         self._asked.add(item.request_id)
@@ -370,23 +391,37 @@ class Run:
             log.warning("%s: lease lost, stopped without writing", self.describe())
             return Outcome.LEASE_LOST
         if self.stop_reason is StopReason.INTERRUPT:
-            self._publish([await store.release(claim, interrupted(claim.input_seq, claim.attempt))])
+            await self._write_partial(PartialReason.INTERRUPTED)
+            self._publish(await store.release(claim, interrupted(claim.input_seq, claim.attempt)))
             return Outcome.INTERRUPTED
         if self.stop_reason is StopReason.STALLED:
             idle = self.deps.stall_timeout_s
             return await self._failed(
-                PermanentError(f"the run made no progress for {idle:g}s (stall_timeout_s) and was stopped")
+                PermanentError(f"the run made no progress for {idle:g}s (stall_timeout_s) and was stopped"),
+                PartialReason.STALLED,
             )
-        # A fresh team loaded with this state works after a mid-turn cancel: keep what was said. Loading it
-        # repairs what the stop left unfinished (state.prepare_state).
-        state = await _saved_state(team)
+        # A fresh team loaded with this state works after a mid-turn cancel: keep what was said, including the
+        # text the user saw of a message cut off. Loading it repairs what the stop left unfinished.
+        cut = await self._write_partial(PartialReason.CANCELLED)
+        state = await _saved_state(team) if self.prepared else None  # unprepared: keep the previous state
+        if state is not None and cut is not None:
+            state = remember_partial(state, cut)
         entry = lifecycle(RUN_CANCELLED, "Run cancelled.", **self._details())
         self._publish([await store.finish(claim, entry, state)])
         return Outcome.CANCELLED
 
-    async def _failed(self, exc: BaseException) -> Outcome:
+    async def _write_partial(self, reason: PartialReason) -> Draft | None:
+        """A message cut off mid-stream becomes a durable partial entry, before the run's lifecycle entry, so
+        every ``full_message_id`` a reader saw in chunks is followed by an entry with that id."""
+        cut = await self.streamer.cut()
+        if cut is not None:
+            await self._append([partial(cut, reason)])
+        return cut
+
+    async def _failed(self, exc: BaseException, reason: PartialReason = PartialReason.FAILED) -> Outcome:
         """Write the failure: a transient error is retried with backoff until ``max_attempts`` failures, a
         PermanentError ends the run at once. Either way the text names the error in one line."""
+        await self._write_partial(reason)
         error = error_line(exc)
         final = isinstance(exc, PermanentError)
         # Failures, not attempts: interruptions (shutdowns, crashes) do not use up the retries of a failing run.
@@ -397,7 +432,7 @@ class Run:
         entry = lifecycle(RUN_FAILED, text, error=error, retrying=retrying, **self._details())
         log.warning("%s failed%s: %s", self.describe(), ", retrying" if retrying else "", error)
         if not_before is not None:
-            self._publish([await self.deps.store.retry(self.claim, entry, not_before)])
+            self._publish(await self.deps.store.retry(self.claim, entry, not_before))
             return Outcome.RETRIED
         self._publish([await self.deps.store.finish(self.claim, entry, None)])
         return Outcome.FAILED
@@ -424,6 +459,17 @@ async def _saved_state(team: Team) -> dict[str, Any] | None:
     except Exception as exc:  # the cancel still counts; the next run starts from the previous state
         log.warning("could not save the team state after a cancel: %s", error_line(exc))
         return None
+
+
+def _runtime_tasks(team: Team) -> list[asyncio.Task[Any]]:
+    """The tasks of a team's embedded runtime (autogen-core 0.7.5 internals: its background tasks and its run
+    loop). A run cancelled while a tool executes never ends by itself (microsoft/autogen#7956, fixed upstream
+    but not released); cancelling these tasks ends it."""
+    runtime = getattr(team, "_runtime", None)
+    tasks = list(getattr(runtime, "_background_tasks", None) or ())
+    run_task = getattr(getattr(runtime, "_run_context", None), "_run_task", None)
+    tasks.append(run_task)
+    return [t for t in tasks if isinstance(t, asyncio.Task) and not t.done()]
 
 
 def _forget_abandoned(task: asyncio.Future[Any]) -> None:

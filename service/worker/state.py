@@ -29,6 +29,8 @@ from typing import Any
 
 from autogen_agentchat.messages import HandoffMessage
 
+from service.models import Draft, iso, utcnow
+
 CANCELLED_TOOL_RESULT = "The tool call was stopped before it finished; its result is unknown."
 TEAM_STATE = "TeamState"
 USER = "user"
@@ -99,6 +101,39 @@ def repair_tool_calls(messages: list[Any]) -> list[Any]:
     return repaired
 
 
+def remember_partial(state: Mapping[str, Any], cut: Draft) -> State:
+    """After a cancel mid-stream the agents remember what the user saw: the cut-off message joins the manager's
+    thread, the speaking agent's model context (as its own reply) and the other participants' buffers."""
+    message: dict[str, Any] = {
+        "id": cut.message_id,
+        "source": cut.source,
+        "models_usage": None,
+        "metadata": {},
+        "created_at": iso(utcnow()),
+        "content": cut.text,
+        "type": "TextMessage",
+    }
+    agents = {}
+    for name, part in _agents(state).items():
+        part = copy.deepcopy(part)
+        if _is_manager(part):
+            part["message_thread"] = [*(part.get("message_thread") or []), message]
+        elif name == cut.source:
+            context = part.get("agent_state", {}).get("llm_context")
+            if isinstance(context, dict) and isinstance(context.get("messages"), list):
+                reply = {
+                    "content": cut.text,
+                    "thought": None,
+                    "source": cut.source,
+                    "type": "AssistantMessage",
+                }
+                context["messages"].append(reply)
+        elif isinstance(part, dict) and isinstance(part.get("message_buffer"), list):
+            part["message_buffer"].append(message)
+        agents[name] = part
+    return {**state, "agent_states": agents}
+
+
 def drop_delivered_buffers(state: Mapping[str, Any]) -> State:
     """After a mid-turn cancel, the speaking agent's container still buffers the messages it had already added
     to its model context (the buffer is cleared only when a turn completes), so loading the state would deliver
@@ -147,6 +182,9 @@ def _merge_participant(old: Any, fresh: Any) -> Any:
         inner = _merge_team(old_inner, fresh_inner)
     else:
         inner = _repair_contexts(old_inner)
+        for key, value in fresh_inner.items():  # an agent wrapping a team (SocietyOfMindAgent's inner_team_state)
+            if isinstance(value, dict) and value.get("type") == TEAM_STATE:
+                inner[key] = _merge_team(old_inner.get(key), value)
     return {**old, "agent_state": inner}
 
 

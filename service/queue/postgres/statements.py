@@ -1,6 +1,6 @@
 """PostgreSQL statements and the row -> model mapping.
 
-Writes are not here: every write verb is an SQL function (``migrations/postgres/0004_verb_functions.sql``) called
+Writes are not here: every write verb is an SQL function (``migrations/postgres/0005_verb_functions.sql``) called
 through ``BATCH`` by the group-committing writer (engine.py). Reads are plain statements on the pool (asyncpg
 prepares and caches each one per connection). Every time in SQL is ``now() + $offset seconds``: the database's
 clock (README "Deploying on PostgreSQL", "One clock"), never an instance's.
@@ -44,6 +44,7 @@ COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'r
 EXPIRED = """
 SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
 WHERE status = 'running' AND lease_expires_at < now() + $1::float8 * interval '1 second' ORDER BY id"""
+READ_DRAFT = "SELECT run_id, message_id, source, content FROM drafts WHERE session_id = $1"
 # The session's current run (rules.is_run decides whether it is one), owner-checked.
 CURRENT_RUN = """
 SELECT i.id, i.status, i.input_seq, i.attempt, i.run_id FROM inputs i JOIN sessions s ON s.session_id = i.session_id
@@ -59,7 +60,7 @@ def from_us(us: int) -> datetime:
 
 
 def json_text(value: Any) -> str:
-    """A JSON value as the SQL functions take it: JSON text in a string (see 0004_verb_functions.sql: a NUL in
+    """A JSON value as the SQL functions take it: JSON text in a string (see 0005_verb_functions.sql: a NUL in
     content survives only this way). BadRequest for what JSON cannot carry (a lone surrogate)."""
     try:
         return orjson.dumps(value).decode()

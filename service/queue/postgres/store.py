@@ -1,6 +1,6 @@
 """PostgresStore: the Store contract (service/queue/store.py) on PostgreSQL, for several instances on one database.
 
-* Every write verb is one call of an SQL function (``migrations/postgres/0004_verb_functions.sql``), group-
+* Every write verb is one call of an SQL function (``migrations/postgres/0005_verb_functions.sql``), group-
   committed by the engine's writer: concurrent verbs share one statement, one transaction and one flush.
 * Seqs: the session row lock (``FOR NO KEY UPDATE``, taken first by every write of a session; input rows after
   it) serialises one session's writers, so seqs are contiguous; one lock order, no deadlock.
@@ -30,16 +30,20 @@ from service.models import (
     Answer,
     CancelRequest,
     Claim,
+    Draft,
     Enqueued,
     Entry,
     NewEntry,
     Page,
     Session,
     SessionStatus,
+    PartialReason,
     interruption,
+    message_ids,
     new_lease_token,
     new_run_id,
     new_session_id,
+    partial,
     retry_cancelled,
     started,
     team_reset,
@@ -278,12 +282,27 @@ class PostgresStore:
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         asks = any(e.type == USER_INPUT_REQUESTED for e in entries)
         news = [q.new_entry_json(e) for e in entries]
-        done = await self._call(self._fenced(claim, "append", entries=news, asks=asks))
+        ids = message_ids(entries)
+        done = await self._call(self._fenced(claim, "append", entries=news, asks=asks, ids=ids))
         if done["seq"] is None:
             return []
         out = q.appended(claim.session_id, entries, done["seq"], q.from_us(done["at"]), claim.run_id)
         self._ring([(q.LOG_CHANNEL, claim.session_id, done["seq"])])
         return out
+
+    async def save_draft(self, claim: Claim, draft: Draft) -> None:
+        op = self._fenced(
+            claim, "save_draft", message=draft.message_id, source=draft.source, content=q.json_text(draft.text)
+        )
+        op["run"] = draft.run_id
+        await self._call(op)
+        # Readers on other instances re-read the session (finding no new entry) and resume from the draft.
+        self._ring([(q.LOG_CHANNEL, claim.session_id, 0)])
+
+    async def read_draft(self, session_id: str) -> Draft | None:
+        async with self.engine.conn() as conn:
+            row = await conn.fetchrow(q.READ_DRAFT, session_id)
+        return None if row is None else Draft(row["run_id"], row["message_id"], row["source"], row["content"])
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         done = await self._call(self._fenced(claim, "heartbeat", lease_s=lease_s))
@@ -315,29 +334,57 @@ class PostgresStore:
         done = await self._call(self._fenced(claim, "finish", **args))
         return self._ended(claim.session_id, entry, claim.run_id, done)
 
-    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> Entry:
+    async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         # The policy's not_before is on this instance's clock; the database gets the delay and adds it to its own.
         delay_s = (not_before - self._clock()).total_seconds()
         return await self._requeue(claim, entry, delay_s=delay_s, failed=1)
 
-    async def release(self, claim: Claim, entry: NewEntry) -> Entry:
+    async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         return await self._requeue(claim, entry, delay_s=0.0, failed=0)
 
-    async def _requeue(self, claim: Claim, entry: NewEntry, *, delay_s: float, failed: int) -> Entry:
+    async def _requeue(self, claim: Claim, entry: NewEntry, *, delay_s: float, failed: int) -> list[Entry]:
+        stop = retry_cancelled(claim.input_seq, claim.attempt)
         op = self._fenced(
-            claim, "requeue", entry=q.new_entry_json(entry), delay_s=delay_s, failed=failed, interrupted=0
+            claim,
+            "requeue",
+            entry=q.new_entry_json(entry),
+            cancelled=q.new_entry_json(stop),
+            delay_s=delay_s,
+            failed=failed,
+            interrupted=0,
         )
         done = await self._call(op)
-        return self._ended(claim.session_id, entry, claim.run_id, done)
+        return self._requeued(claim.session_id, claim.run_id, entry, stop, done)
+
+    def _requeued(
+        self, session_id: str, run_id: str, entry: NewEntry, stop: NewEntry, done: dict[str, Any]
+    ) -> list[Entry]:
+        """The entries svc_requeue appended, in order: a dead run's partial entry, ``entry``, and the
+        ``run_cancelled`` of an input that had been asked to stop."""
+        news: list[NewEntry] = []
+        cut = done.get("partial")
+        if cut is not None:
+            draft = Draft(run_id, cut["message_id"], cut["source"], cut["content"])
+            news.append(partial(draft, PartialReason.INTERRUPTED))
+        news.append(entry)
+        if done.get("cancelled"):
+            news.append(stop)
+        written = q.appended(session_id, news, done["seq"], q.from_us(done["at"]), run_id)
+        doorbells = [(q.LOG_CHANNEL, session_id, written[-1].seq)]
+        if done.get("work"):
+            doorbells.append((q.WORK_CHANNEL, session_id, 0))
+        self._ring(doorbells)
+        return written
 
     async def recover_expired(self) -> list[Entry]:
         async with self.engine.conn() as conn:
             rows = await conn.fetch(q.EXPIRED, self.engine.offset())
 
-        async def recover(row: Any) -> Entry | None:
+        async def recover(row: Any) -> list[Entry]:
             entry, final = interruption(
                 row["input_seq"], row["attempt"], row["interruptions"], self._max_interruptions
             )
+            stop = retry_cancelled(row["input_seq"], row["attempt"])
             op = {
                 "op": "requeue",
                 "session": row["session_id"],
@@ -345,6 +392,7 @@ class PostgresStore:
                 "token": row["lease_token"],
                 "run": row["run_id"],
                 "entry": q.new_entry_json(entry),
+                "cancelled": q.new_entry_json(stop),
                 "delay_s": 0.0,
                 "failed": 0,
                 "interrupted": 1,
@@ -354,12 +402,12 @@ class PostgresStore:
             try:
                 done = await self._call(op)
             except LeaseLost:
-                return None  # heartbeated, finished or recovered by another instance meanwhile
-            return self._ended(row["session_id"], entry, row["run_id"], done)
+                return []  # heartbeated, finished or recovered by another instance meanwhile
+            return self._requeued(row["session_id"], row["run_id"], entry, stop, done)
 
         # Concurrently: the writer commits them together.
         recovered = await asyncio.gather(*(recover(row) for row in rows))
-        return [entry for entry in recovered if entry is not None]
+        return [entry for entries in recovered for entry in entries]
 
     async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
         rules.check_labels(session_id=session_id)

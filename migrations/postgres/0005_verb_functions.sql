@@ -64,6 +64,7 @@ DECLARE
   v_more boolean := EXISTS (SELECT 1 FROM inputs WHERE session_id = p_sid AND status = 'queued');
   v_last bigint;
 BEGIN
+  DELETE FROM drafts WHERE session_id = p_sid;  -- the run ended: its draft (if any) is in the log or gone
   v_last := svc_allocate(p_sid, 1, p_now, CASE WHEN v_more THEN 'queued'
                                                WHEN p_entry->>'type' = 'run_failed' THEN 'failed'
                                                ELSE 'idle' END);
@@ -174,7 +175,25 @@ BEGIN
   v_last := svc_allocate(p->>'session', v_n, p_now,
                          CASE WHEN (p->>'asks')::boolean THEN 'awaiting_input' END);
   PERFORM svc_insert_entries(p->>'session', v_last, p->'entries', p->>'run', p_now);
+  -- Drafts: the message a draft was streaming is now in the log (models.message_ids).
+  IF json_array_length(COALESCE(p->'ids', '[]'::json)) > 0 THEN
+    DELETE FROM drafts WHERE session_id = p->>'session'
+      AND message_id IN (SELECT json_array_elements_text(p->'ids'));
+  END IF;
   RETURN json_build_object('seq', v_last, 'at', svc_us(p_now));
+END $$;
+
+-- The text streamed so far of the run's in-flight message (README "Streaming"): one draft per session.
+CREATE FUNCTION svc_save_draft(p json, p_now timestamptz) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+  IF NOT svc_fenced(p) THEN
+    RETURN json_build_object('err', 'lease_lost');
+  END IF;
+  INSERT INTO drafts (session_id, run_id, message_id, source, content, updated_at)
+  VALUES (p->>'session', p->>'run', p->>'message', p->>'source', (p->>'content')::json, p_now)
+  ON CONFLICT (session_id) DO UPDATE SET run_id = EXCLUDED.run_id, message_id = EXCLUDED.message_id,
+    source = EXCLUDED.source, content = EXCLUDED.content, updated_at = EXCLUDED.updated_at;
+  RETURN json_build_object('saved', true);
 END $$;
 
 CREATE FUNCTION svc_heartbeat(p json, p_now timestamptz) RETURNS json LANGUAGE sql AS $$
@@ -223,35 +242,61 @@ END $$;
 
 -- retry, release and lease recovery: back to the queue, keeping its place, attempt + 1. Recovery ('expired')
 -- only takes a lease that expired by the database's clock; at the interruption cap it ends the input instead
--- ('final'; models.interruption decides).
+-- ('final'; models.interruption decides). A dead run's draft becomes its partial entry first (models.partial,
+-- reason "interrupted"). An input asked to stop is never queued again: it ends with p->'cancelled'
+-- (README "Guarantees": a cancel is never undone).
 CREATE FUNCTION svc_requeue(p json, p_now timestamptz) RETURNS json LANGUAGE plpgsql AS $$
 DECLARE
   v_sid text := p->>'session';
   v_expired boolean := COALESCE((p->>'expired')::boolean, false);
+  v_final boolean := COALESCE((p->>'final')::boolean, false);
+  v_in record;
+  v_draft record;
+  v_partial json := NULL;
   v_last bigint;
+  v_done json;
 BEGIN
   PERFORM 1 FROM sessions WHERE session_id = v_sid FOR NO KEY UPDATE;
-  IF COALESCE((p->>'final')::boolean, false) THEN
-    UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL
-    WHERE id = (p->>'input')::bigint AND lease_token = p->>'token' AND status = 'running'
-      AND lease_expires_at < p_now;
-    IF NOT FOUND THEN
-      RETURN json_build_object('err', 'lease_lost');
+  SELECT id, cancel_requested INTO v_in FROM inputs
+  WHERE id = (p->>'input')::bigint AND lease_token = p->>'token' AND status = 'running'
+    AND (NOT v_expired OR lease_expires_at < p_now) FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN json_build_object('err', 'lease_lost');
+  END IF;
+  IF v_expired THEN
+    SELECT message_id, source, content INTO v_draft FROM drafts WHERE session_id = v_sid AND run_id = p->>'run';
+    IF FOUND THEN
+      v_partial := json_build_object('message_id', v_draft.message_id, 'source', v_draft.source,
+                                     'content', v_draft.content);
+      v_last := svc_allocate(v_sid, 1, p_now, NULL);
+      PERFORM svc_insert_entries(v_sid, v_last, json_build_array(json_build_object(
+        'type', 'TextMessage', 'source', v_draft.source, 'content', v_draft.content::text,
+        'metadata', json_build_object('id', v_draft.message_id, 'partial', true,
+                                      'partial_reason', 'interrupted')::text)), p->>'run', p_now);
     END IF;
-    RETURN svc_end(v_sid, p->'entry', p->>'run', NULL, p_now);
+  END IF;
+  DELETE FROM drafts WHERE session_id = v_sid;
+  IF v_final OR v_in.cancel_requested THEN
+    UPDATE inputs SET status = 'done', lease_token = NULL, lease_expires_at = NULL WHERE id = v_in.id;
+    IF v_final THEN
+      v_done := svc_end(v_sid, p->'entry', p->>'run', NULL, p_now);
+    ELSE
+      v_last := svc_allocate(v_sid, 1, p_now, NULL);
+      PERFORM svc_insert_entries(v_sid, v_last, json_build_array(p->'entry'), p->>'run', p_now);
+      v_done := svc_end(v_sid, p->'cancelled', p->>'run', NULL, p_now);
+    END IF;
+    RETURN json_build_object('seq', v_done->'seq', 'at', v_done->'at', 'work', v_done->'work',
+                             'partial', v_partial, 'cancelled', NOT v_final);
   END IF;
   UPDATE inputs SET status = 'queued', attempt = attempt + 1,
          failures = failures + (p->>'failed')::int, interruptions = interruptions + (p->>'interrupted')::int,
          not_before = p_now + (p->>'delay_s')::float8 * interval '1 second',
          lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, cancel_requested = FALSE
-  WHERE id = (p->>'input')::bigint AND lease_token = p->>'token' AND status = 'running'
-    AND (NOT v_expired OR lease_expires_at < p_now);
-  IF NOT FOUND THEN
-    RETURN json_build_object('err', 'lease_lost');
-  END IF;
+  WHERE id = v_in.id;
   v_last := svc_allocate(v_sid, 1, p_now, 'queued');
   PERFORM svc_insert_entries(v_sid, v_last, json_build_array(p->'entry'), p->>'run', p_now);
-  RETURN json_build_object('seq', v_last, 'at', svc_us(p_now), 'work', true);
+  RETURN json_build_object('seq', v_last, 'at', svc_us(p_now), 'work', true, 'partial', v_partial,
+                           'cancelled', false);
 END $$;
 
 -- request_cancel, after the store read the session's current run: re-checked under the session lock.
@@ -333,6 +378,7 @@ BEGIN
       WHEN 'enqueue' THEN svc_enqueue(v_call, v_now)
       WHEN 'claim' THEN svc_claim(v_call, v_now)
       WHEN 'append' THEN svc_append(v_call, v_now)
+      WHEN 'save_draft' THEN svc_save_draft(v_call, v_now)
       WHEN 'heartbeat' THEN svc_heartbeat(v_call, v_now)
       WHEN 'take_answer' THEN svc_take_answer(v_call, v_now)
       WHEN 'finish' THEN svc_finish(v_call, v_now)

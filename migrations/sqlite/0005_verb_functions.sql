@@ -1,4 +1,4 @@
--- Twin of migrations/postgres/0004_verb_functions.sql, which turns the PostgreSQL store's write verbs into SQL
+-- Twin of migrations/postgres/0005_verb_functions.sql, which turns the PostgreSQL store's write verbs into SQL
 -- functions run in one statement per group commit. SQLite has no stored functions: its verbs are the
 -- statements of service/queue/sqlite/, run by the writer thread. Nothing changes in this dialect's schema;
 -- the number is kept so both dialects stay at the same version.
