@@ -317,6 +317,8 @@ SPLIT_DELTAS = [r'"A smile: \ud83d"', r'"\ude00 for you."']
 SPLIT_TEXT = "A smile: \U0001f600 for you."
 LONE_DELTAS = [r'"Lone \ud83d"', r'" plain text."']
 LONE_TEXT = "Lone \ufffd plain text."
+TRAILING_DELTAS = [r'"Cut at the end: "', r'"\ud83d"']  # the stream ends with the first half of a pair
+TRAILING_TEXT = "Cut at the end: \ufffd"
 OPENAI_MODEL_INFO: dict[str, Any] = {
     "vision": False,
     "function_calling": False,
@@ -336,10 +338,12 @@ def _sse_chunk(delta: bytes, finish: str | None = None) -> bytes:
 
 async def _fake_completions(request: web.Request) -> web.StreamResponse:
     """/v1/chat/completions, streamed: "[[split]]" splits an emoji across two deltas, "[[lone]]" sends half of
-    one followed by more text."""
+    one followed by more text, "[[trailing]]" ends the answer with half of one."""
     body = await request.json()
     last = str(body["messages"][-1].get("content"))
-    deltas = SPLIT_DELTAS if "[[split]]" in last else LONE_DELTAS
+    deltas = (
+        SPLIT_DELTAS if "[[split]]" in last else TRAILING_DELTAS if "[[trailing]]" in last else LONE_DELTAS
+    )
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     await response.write(_sse_chunk(b'{"role":"assistant","content":""}'))
@@ -378,7 +382,7 @@ def openai_team_file(tmp_path: Path, base_url: str) -> Path:
     return path
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def openai_client(
     request: pytest.FixtureRequest,
     fake_openai: str,
@@ -428,8 +432,8 @@ async def converse(client: Client, texts: list[str]) -> tuple[WsReader, SseReade
 
 @pytest.mark.parametrize(
     ("directive", "stored"),
-    [("[[split]]", SPLIT_TEXT), ("[[lone]]", LONE_TEXT)],
-    ids=["split-emoji", "lone-surrogate"],
+    [("[[split]]", SPLIT_TEXT), ("[[lone]]", LONE_TEXT), ("[[trailing]]", TRAILING_TEXT)],
+    ids=["split-emoji", "lone-surrogate", "trailing-half"],
 )
 async def test_surrogate_halves_from_a_provider_stream_reach_followers_and_the_log_repaired(
     openai_client: Client, directive: str, stored: str
@@ -444,3 +448,10 @@ async def test_surrogate_halves_from_a_provider_stream_reach_followers_and_the_l
     assert openai_client.app is not None
     state = await openai_client.app[keys.STORE].load_team_state("emo")
     assert state is not None  # saved with the run_completed
+
+
+async def test_the_conversation_goes_on_after_an_emoji_split_across_deltas(openai_client: Client) -> None:
+    """The next turn sends the first one back to the provider: it must be text the provider can take."""
+    _, _, log = await converse(openai_client, ["[[split]] smile please", "[[lone]] and again"])
+    assert [e["type"] for e in log if e["source"] == "system"] == ["run_started", "run_completed"] * 2
+    assert [e["content"] for e in assistant_texts(log)] == [SPLIT_TEXT, LONE_TEXT]
