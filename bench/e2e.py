@@ -14,12 +14,22 @@
 2. Replay: a fresh WebSocket replaying a ``--replay``-entry session vs a plain aiohttp WebSocket server (in this
    process) sending the same pre-serialised frames.
 3. Idle: ``--idle`` idle WebSocket connections, the server's VmRSS before and after.
+4. Streaming (README "Streaming"): ``--stream-clients`` WebSocket clients x ``--stream-turns`` messages on a SQLite
+   file, the shipped default team at its NORMAL speed (one word per chunk, 30 ms apart; a 39-chunk reply takes
+   ~1.1 s) and as many worker slots as clients, so every client's reply streams at once. Every turn the client
+   drops its WebSocket in the middle of the reply and reconnects with ``after`` = its last seq (a reloaded page):
+   the time from that reconnect to the resumed chunk (``"resumed": true``, the text so far) is measured, and the
+   text is checked (resumed + live chunks = the durable reply). Run with drafts saved every 0.25 s (the default
+   ``--draft-interval-s``) and with them off (``0``), alternated ``--stream-rounds`` times; its table ends with
+   ``ratio drafts/no_drafts turns_per_s = X.XX``.
 
     python bench/e2e.py [--clients 50] [--turns 20] [--workers 8] [--replay 10000] [--idle 1000]
-                        [--pg postgresql://... | --no-pg]
+                        [--pg postgresql://... | --no-pg] [--stream-clients 50] [--stream-turns 6]
+                        [--stream-rounds 2] [--only turns|replay|idle|streaming ...]
 
 Without ``--pg``, a throwaway database is created (and dropped) when PostgreSQL answers on 127.0.0.1:5432.
-The last line is ``ratio sqlite/memory turns_per_s = X.XX``.
+``--only streaming`` runs just section 4 (~1 minute). When section 1 runs, the last line is
+``ratio sqlite/memory turns_per_s = X.XX``.
 """
 
 from __future__ import annotations
@@ -41,17 +51,17 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from _server import Server, served
 from aiohttp import web
 
-from service.models import RUN_COMPLETED, NewEntry, lifecycle
+from service.models import CHUNK, RUN_COMPLETED, NewEntry, lifecycle
 from service.queue import open_store
 from service.worker.teams import DEFAULT_TEAM_FILE
 
@@ -59,6 +69,8 @@ OWNER = "local"  # auth none: every request is user 'local'
 RECEIVE_TIMEOUT_S = 30.0
 SCENARIO_TIMEOUT_S = 120.0
 TEXT = "please tell me something about the weather in Lisbon today"
+T = TypeVar("T")
+SECTIONS = ("turns", "replay", "idle", "streaming")
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -179,15 +191,20 @@ async def client_turns(
         return latencies
 
 
-async def run_turns(label: str, servers: list[Server], clients: int, turns: int) -> TurnResult:
-    """``clients`` clients spread round robin over ``servers``; wall time (and the servers' CPU time) from the
-    common start to the last run_completed."""
+async def run_clients(
+    label: str,
+    servers: list[Server],
+    clients: int,
+    client: Callable[[aiohttp.ClientSession, str, str, StartGate], Coroutine[Any, Any, T]],
+) -> tuple[list[T], float, float]:
+    """``clients`` clients spread round robin over ``servers``, each on its own session; what each returned, the
+    wall time from the common start to the last one's end, and the servers' CPU seconds in that time."""
     ws_urls = [s.ws_url for s in servers]
     gate = StartGate(clients)
     tag = uuid.uuid4().hex[:8]
     async with http_session() as http:
         tasks = [
-            asyncio.create_task(client_turns(http, ws_urls[i % len(ws_urls)], f"t{tag}-{i}", turns, gate))
+            asyncio.create_task(client(http, ws_urls[i % len(ws_urls)], f"t{tag}-{i}", gate))
             for i in range(clients)
         ]
         try:
@@ -210,6 +227,19 @@ async def run_turns(label: str, servers: list[Server], clients: int, turns: int)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    return per_client, seconds, server_cpu_s
+
+
+async def run_turns(label: str, servers: list[Server], clients: int, turns: int) -> TurnResult:
+    """``clients`` clients, ``turns`` turns each; wall time (and the servers' CPU time) from the common start to
+    the last run_completed."""
+
+    def client(
+        http: aiohttp.ClientSession, ws_url: str, session_id: str, gate: StartGate
+    ) -> Coroutine[Any, Any, list[float]]:
+        return client_turns(http, ws_url, session_id, turns, gate)
+
+    per_client, seconds, server_cpu_s = await run_clients(label, servers, clients, client)
     latencies = [x for client in per_client for x in client]
     return TurnResult(label, len(latencies), seconds, server_cpu_s, latencies)
 
@@ -452,6 +482,188 @@ async def pg_rows(folder: Path, args: argparse.Namespace, team: Path) -> list[Tu
         return []
 
 
+# --- 5. streaming --------------------------------------------------------------------------------------------
+
+# 35 words: the demo model's reply ("You said: ... [context: N]") streams as 39 one-word chunks, 30 ms apart.
+STREAM_TEXT = (
+    "please tell me a long story about the weather in Lisbon today: the wind from the ocean, the light on the "
+    "river, the trams climbing the hills and the smell of coffee in the morning"
+)
+FIRST_CUT = 3  # a client reconnects after chunk FIRST_CUT .. FIRST_CUT + CUT_SPREAD - 1 of the reply
+CUT_SPREAD = 16
+
+
+@dataclass
+class StreamStats:
+    latencies_s: list[float] = field(default_factory=list)  # send -> run_completed
+    resumes_s: list[float] = field(default_factory=list)  # start of the reconnect -> the resumed chunk
+    missed: int = 0  # reconnects that found the reply already committed (nothing in flight to resume)
+
+
+class StreamClient:
+    """One session's client: every turn it drops its WebSocket in the middle of the streamed reply (after chunk
+    ``cut``) and reconnects with ``after`` = the last seq it saw, like a reloaded page. It checks what the protocol
+    promises: seqs +1, the resumed chunk holds the text so far (a superset of what it had), live chunks continue
+    it at their offset, and the durable reply is exactly the streamed text."""
+
+    def __init__(self, http: aiohttp.ClientSession, ws_url: str, session_id: str) -> None:
+        self.http, self.ws_url, self.session_id = http, ws_url, session_id
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.last_seq = 0
+
+    async def connect(self) -> None:
+        url = f"{self.ws_url}?session_id={self.session_id}&client_id=bench&after={self.last_seq}"
+        self.ws = await self.http.ws_connect(url)
+        hello = await receive_frame(self.ws)
+        if hello.get("type") != "session":
+            raise RuntimeError(f"expected the session frame, got {hello}")
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def frame(self) -> dict[str, Any]:
+        assert self.ws is not None
+        frame = await receive_frame(self.ws)
+        seq = frame.get("seq")
+        if isinstance(seq, int) and frame.get("type") != "ack":  # a log entry (an ack frame echoes a seq)
+            if seq != self.last_seq + 1:
+                raise RuntimeError(f"{self.session_id}: seq {seq} after {self.last_seq}")
+            self.last_seq = seq
+        return frame
+
+    async def turn(self, msg_id: str, cut: int, stats: StreamStats | None) -> str:
+        """One message: send, reconnect mid-reply, follow to run_completed (ack it). The reply's text."""
+        assert self.ws is not None
+        began = time.perf_counter()
+        message = {"type": "TextMessage", "content": STREAM_TEXT, "client_msg_id": msg_id}
+        await self.ws.send_str(orjson.dumps(message).decode())
+        text, message_id, chunks = "", None, 0
+        reconnected_at: float | None = None  # set until the first frame of the new connection
+        while True:
+            frame = await self.frame()
+            kind = frame.get("type")
+            if kind == CHUNK:
+                if reconnected_at is not None:
+                    if not frame.get("resumed") or frame.get("full_message_id") != message_id:
+                        raise RuntimeError(f"{self.session_id}: expected the resumed chunk, got {frame}")
+                    if stats is not None:
+                        stats.resumes_s.append(time.perf_counter() - reconnected_at)
+                    reconnected_at = None
+                elif frame.get("full_message_id") != message_id:  # the reply's first chunk
+                    text, message_id = "", frame.get("full_message_id")
+                offset, content = frame["offset"], frame["content"]
+                if offset > len(text) or not content.startswith(text[offset:]):
+                    raise RuntimeError(f"{self.session_id}: chunk at {offset} does not continue {text!r}")
+                text = text[:offset] + content
+                chunks += 1
+                if chunks == cut:  # drop the connection mid-reply, come back like a reloaded page
+                    await self.close()
+                    reconnected_at = time.perf_counter()
+                    await self.connect()
+            elif kind == "TextMessage" and frame.get("source") == "assistant":
+                if reconnected_at is not None:  # committed before the new connection went live
+                    if stats is not None:
+                        stats.missed += 1
+                    reconnected_at = None
+                    text = frame["content"]
+                if frame.get("metadata", {}).get("id") != message_id or frame.get("content") != text:
+                    raise RuntimeError(
+                        f"{self.session_id}: durable reply {frame} is not the streamed {text!r}"
+                    )
+            elif kind == RUN_COMPLETED:
+                if stats is not None:
+                    stats.latencies_s.append(time.perf_counter() - began)
+                assert self.ws is not None
+                await self.ws.send_str(orjson.dumps({"type": "ack", "seq": frame["seq"]}).decode())
+                return text
+            elif kind in ("run_failed", "run_cancelled", "run_interrupted"):
+                raise RuntimeError(f"turn {msg_id} did not complete: {frame}")
+
+
+async def client_streams(
+    http: aiohttp.ClientSession, ws_url: str, session_id: str, turns: int, gate: StartGate
+) -> StreamStats:
+    client = StreamClient(http, ws_url, session_id)
+    stats = StreamStats()
+    spread = int(session_id.rsplit("-", 1)[1])  # clients reconnect at different chunks
+    try:
+        await client.connect()
+        await client.turn("warm", FIRST_CUT, None)
+        await gate.arrive()
+        reply = ""
+        for t in range(turns):
+            cut = FIRST_CUT + (spread * 5 + t * 7) % CUT_SPREAD
+            reply = await client.turn(f"m{t}", cut, stats)
+        if not reply.endswith(f"[context: {turns + 1}]"):
+            raise RuntimeError(f"{session_id}: unexpected last reply {reply!r}")
+    finally:
+        await client.close()
+    return stats
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    turns: TurnResult
+    resumes_s: list[float]
+    missed: int
+
+
+async def streaming_once(
+    folder: Path, label: str, draft_interval_s: str, args: argparse.Namespace, n: int
+) -> StreamResult:
+    common = ["--workers", str(args.stream_clients), "--draft-interval-s", draft_interval_s]
+    database = str(folder / f"stream-{safe_name(label)}-{n}.db")
+    async with served(folder, "--database", database, *common, name=f"stream-{safe_name(label)}-{n}") as srv:
+
+        def client(
+            http: aiohttp.ClientSession, ws_url: str, session_id: str, gate: StartGate
+        ) -> Coroutine[Any, Any, StreamStats]:
+            return client_streams(http, ws_url, session_id, args.stream_turns, gate)
+
+        per_client, seconds, server_cpu_s = await run_clients(label, [srv], args.stream_clients, client)
+    latencies = [x for c in per_client for x in c.latencies_s]
+    resumes = [x for c in per_client for x in c.resumes_s]
+    missed = sum(c.missed for c in per_client)
+    return StreamResult(TurnResult(label, len(latencies), seconds, server_cpu_s, latencies), resumes, missed)
+
+
+async def streaming_section(folder: Path, args: argparse.Namespace) -> None:
+    """Drafts saved every 0.25 s (the default) vs not saved, alternated ``--stream-rounds`` times; turns/s and
+    latency from the best run of each, server CPU per turn and resume times from all runs of each."""
+    modes = [("drafts every 0.25 s", "0.25"), ("drafts off (0)", "0")]
+    runs: dict[str, list[StreamResult]] = {label: [] for label, _ in modes}
+    for n in range(args.stream_rounds):
+        for label, interval in modes:
+            runs[label].append(await streaming_once(folder, label, interval, args, n))
+    print(
+        f"\n4. streaming: {args.stream_clients} WebSocket clients x {args.stream_turns} messages, the default "
+        f"team at its normal speed (one word per chunk, 30 ms apart; {STREAM_TEXT.count(' ') + 5} chunks per "
+        f"reply), SQLite FULL, --workers {args.stream_clients}; every turn reconnects once mid-reply "
+        f"(turns/s, p50/p99: best of {args.stream_rounds}; server CPU and resume times: all runs)"
+    )
+    print(
+        f"{'mode':<20} {'turns':>6} {'turns/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/turn':>11} "
+        f"{'resumes':>8} {'resume p50 ms':>13} {'resume p99 ms':>13} {'missed':>6}"
+    )
+    best: list[TurnResult] = []
+    for label, _ in modes:
+        results = runs[label]
+        r = max((x.turns for x in results), key=lambda t: t.turns_per_s)
+        best.append(r)
+        resumes = [x for res in results for x in res.resumes_s]
+        missed = sum(res.missed for res in results)
+        cpu_ms = sum(x.turns.server_cpu_s for x in results) * 1000 / sum(x.turns.turns for x in results)
+        p50, p99 = percentile(r.latencies_s, 0.50) * 1000, percentile(r.latencies_s, 0.99) * 1000
+        r50 = percentile(resumes, 0.50) * 1000 if resumes else float("nan")
+        r99 = percentile(resumes, 0.99) * 1000 if resumes else float("nan")
+        print(
+            f"{label:<20} {r.turns:>6} {r.turns_per_s:>8.1f} {p50:>8.1f} {p99:>8.1f} "
+            f"{cpu_ms:>11.1f} {len(resumes):>8} {r50:>13.1f} {r99:>13.1f} {missed:>6}"
+        )
+    print(f"ratio drafts/no_drafts turns_per_s = {best[0].turns_per_s / best[1].turns_per_s:.2f}")
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
 
@@ -522,7 +734,24 @@ async def main() -> None:
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--pg", help="a throwaway PostgreSQL database URL (default: auto on 127.0.0.1:5432)")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument(
+        "--stream-clients", type=int, default=50, help="streaming: clients (and worker slots)"
+    )
+    parser.add_argument("--stream-turns", type=int, default=6, help="streaming: messages per client")
+    parser.add_argument(
+        "--stream-rounds",
+        type=int,
+        default=2,
+        help="streaming: runs of each mode, alternated (best is shown)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all of them)",
+    )
     args = parser.parse_args()
+    sections = args.only or list(SECTIONS)
     # SIGTERM cancels the bench like Ctrl-C does, so the finally blocks still stop the servers.
     main_task = asyncio.current_task()
     if main_task is not None:
@@ -530,18 +759,24 @@ async def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     raise_fd_limit(2 * args.idle + 1024)
 
+    results: list[TurnResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         folder = Path(tmp)
-        team = bench_team_file(folder)
-        results = await memory_and_sqlite(folder, args, team)
-        results += await pg_rows(folder, args, team)
-        print_turns(results, args)
+        if "turns" in sections:
+            team = bench_team_file(folder)
+            results = await memory_and_sqlite(folder, args, team)
+            results += await pg_rows(folder, args, team)
+            print_turns(results, args)
+        if "replay" in sections:
+            await replay_section(folder, args)
+        if "idle" in sections:
+            await idle_section(folder, args)
+        if "streaming" in sections:
+            await streaming_section(folder, args)
 
-        await replay_section(folder, args)
-        await idle_section(folder, args)
-
-    memory, sqlite = results[0], results[1]
-    print(f"\nratio sqlite/memory turns_per_s = {sqlite.turns_per_s / memory.turns_per_s:.2f}")
+    if results:
+        memory, sqlite = results[0], results[1]
+        print(f"\nratio sqlite/memory turns_per_s = {sqlite.turns_per_s / memory.turns_per_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from service.models import (
 )
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
+from service.text import repair_json
 from service.worker.logs import error_line
 from service.worker.messages import to_entry
 from service.worker.state import drop_delivered_buffers, prepare_state, remember_partial, resume_task
@@ -216,7 +217,7 @@ class Run:
             return await self._stopped(team)
         if self.stop_reason is not None:  # cancelled at the very end (autogen#7100): honour the stop
             return await self._stopped(team)
-        state = dict(await team.save_state())
+        state = repair_json(dict(await team.save_state()))  # provider text may hold halves of UTF-16 pairs
         reason = result.stop_reason or "finished"
         entry = lifecycle(RUN_COMPLETED, f"Run completed: {reason}", stop_reason=reason, **self._details())
         self._publish([await self.deps.store.finish(self.claim, entry, state)])
@@ -455,7 +456,8 @@ class Run:
 async def _saved_state(team: Team) -> dict[str, Any] | None:
     """The team's state after a stop (bounded: the team may be abandoned), or None to keep the previous one."""
     try:
-        return drop_delivered_buffers(await asyncio.wait_for(team.save_state(), AFTER_RUN_TIMEOUT_S))
+        state = await asyncio.wait_for(team.save_state(), AFTER_RUN_TIMEOUT_S)
+        return drop_delivered_buffers(repair_json(dict(state)))
     except Exception as exc:  # the cancel still counts; the next run starts from the previous state
         log.warning("could not save the team state after a cancel: %s", error_line(exc))
         return None

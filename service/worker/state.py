@@ -30,6 +30,7 @@ from typing import Any
 from autogen_agentchat.messages import HandoffMessage
 
 from service.models import Draft, iso, utcnow
+from service.text import repair_json
 
 CANCELLED_TOOL_RESULT = "The tool call was stopped before it finished; its result is unknown."
 TEAM_STATE = "TeamState"
@@ -43,8 +44,9 @@ def prepare_state(saved: Mapping[str, Any] | None, fresh: Mapping[str, Any]) -> 
 
     ``saved``: the state saved by the session's last finished run (None: nothing saved yet).
     ``fresh``: ``save_state()`` of the freshly built team, before anything is loaded into it.
-    Returns a new dict; neither argument is changed."""
-    return _merge_team(saved, copy.deepcopy(dict(fresh)))
+    Returns a new dict; neither argument is changed. Text is repaired (``service.text``): a state saved before
+    repair existed may hold halves of UTF-16 pairs that no provider accepts."""
+    return _merge_team(None if saved is None else repair_json(dict(saved)), copy.deepcopy(dict(fresh)))
 
 
 def participant_names(state: Mapping[str, Any]) -> list[str]:
@@ -182,7 +184,10 @@ def _merge_participant(old: Any, fresh: Any) -> Any:
         inner = _merge_team(old_inner, fresh_inner)
     else:
         inner = _repair_contexts(old_inner)
-        for key, value in fresh_inner.items():  # an agent wrapping a team (SocietyOfMindAgent's inner_team_state)
+        for (
+            key,
+            value,
+        ) in fresh_inner.items():  # an agent wrapping a team (SocietyOfMindAgent's inner_team_state)
             if isinstance(value, dict) and value.get("type") == TEAM_STATE:
                 inner[key] = _merge_team(old_inner.get(key), value)
     return {**old, "agent_state": inner}

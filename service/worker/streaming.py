@@ -16,7 +16,7 @@ from autogen_agentchat.messages import ModelClientStreamingChunkEvent
 
 from service.errors import LeaseLost, StoreUnavailable
 from service.hub import Hub, LiveDraft
-from service.models import Claim, Draft, chunk_frame
+from service.models import Claim, Draft, chunk_frame, utcnow
 from service.queue.store import Store
 from service.text import repair, split_trailing_high_surrogate
 from service.worker.logs import error_line
@@ -49,20 +49,28 @@ class Streamer:
         text = repair(ready)
         if not text:
             return
-        offset = self.live.add(text)
-        if self.hub.has_subscribers(session_id):  # nobody watching: skip building the frame
-            metadata = {k: v for k, v in to_entry(chunk).metadata.items() if k != "full_message_id"}
-            head = Draft(self.live.run_id, self.live.message_id, self.live.source, "")
-            frame = chunk_frame(
-                session_id, head, text, offset, created_at=chunk.created_at, metadata=metadata
-            )
-            self.hub.publish_ephemeral(session_id, frame)
+        self._publish(text, chunk)
         self._maybe_save()
+
+    def _publish(self, text: str, chunk: ModelClientStreamingChunkEvent | None = None) -> None:
+        live, session_id = self.live, self.claim.session_id
+        assert live is not None
+        offset = live.add(text)
+        if self.hub.has_subscribers(session_id):  # nobody watching: skip building the frame
+            dumped = {} if chunk is None else to_entry(chunk).metadata
+            metadata = {k: v for k, v in dumped.items() if k != "full_message_id"}
+            head = Draft(live.run_id, live.message_id, live.source, "")
+            created = utcnow() if chunk is None else chunk.created_at
+            frame = chunk_frame(session_id, head, text, offset, created_at=created, metadata=metadata)
+            self.hub.publish_ephemeral(session_id, frame)
 
     async def committed(self) -> None:
         """Before any durable append: a draft save in flight must land first (the append of the message
         retires the draft, and a save landing after it would leave a stale draft behind)."""
         await self._settle_save()
+        if self._held and self.live is not None:  # half a pair at the very end: it stands as U+FFFD
+            held, self._held = self._held, ""
+            self._publish(repair(held))
         self._drop_live()
 
     async def cut(self) -> Draft | None:
