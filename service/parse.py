@@ -66,10 +66,10 @@ def _with_lone_surrogates(raw: bytes | str) -> Any:
     """JSON that orjson refuses only for a lone surrogate escape ("\\ud83d", what a browser's JSON.stringify
     writes for broken text): parsed by the standard library and repaired (U+FFFD), so the message is taken
     instead of being refused on every resend. None when it is not valid JSON for another reason."""
-    text = raw.decode("utf-8", "strict") if isinstance(raw, bytes) else raw
-    if "\\u" not in text:
-        return None
     try:
+        text = raw.decode("utf-8", "strict") if isinstance(raw, bytes) else raw
+        if "\\u" not in text:
+            return None
         return repair_json(json.loads(text, parse_constant=_no_constant))
     except ValueError:  # JSONDecodeError, a bad constant, or bytes that are not UTF-8
         return None
