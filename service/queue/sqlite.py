@@ -182,8 +182,11 @@ class SqliteStore:
         # write submitted before or after it: a write that comes later wakes us rather than being found here.
         if not self._work.is_set():
             now = self.clock()
-            if await self._writer.write(lambda c: queue.has_claimable(c, now)):
-                return
+            try:
+                if await self._writer.write(lambda c: queue.has_claimable(c, now)):
+                    return
+            except StoreUnavailable:
+                pass  # the file cannot be read now: wait for a wake-up or the timeout; callers look again then
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work.wait(), timeout_s)
 

@@ -122,7 +122,8 @@ class Store(Protocol):
         The input starts at attempt 1. Wakes ``wait_for_work`` waiters."""
 
     async def wait_for_work(self, timeout_s: float) -> None:
-        """Return when work may have become claimable (enqueue, retry, release, recovery) or after timeout_s."""
+        """Return when work may have become claimable (enqueue, retry, release, recovery) or after timeout_s.
+        Never raises for an unreachable database: it then just waits (callers find out when they claim)."""
 
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
         """Take the oldest claimable input (see the rules above), mark it running under a fresh lease token and

@@ -35,9 +35,9 @@ from service.models import (
     Entry,
     NewEntry,
     Page,
+    PartialReason,
     Session,
     SessionStatus,
-    PartialReason,
     interruption,
     message_ids,
     new_lease_token,
@@ -250,8 +250,11 @@ class PostgresStore:
     async def wait_for_work(self, timeout_s: float) -> None:
         # The look goes through the writer, so it is ordered with every write submitted before or after it.
         event = self.notifier.work_event()  # taken before looking: a wake-up meanwhile is not missed
-        if (await self._call({"op": "claimable"}))["claimable"]:
-            return
+        try:
+            if (await self._call({"op": "claimable"}))["claimable"]:
+                return
+        except StoreUnavailable:
+            pass  # the database is away: wait for a wake-up or the timeout; callers look again then
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
 
@@ -292,7 +295,11 @@ class PostgresStore:
 
     async def save_draft(self, claim: Claim, draft: Draft) -> None:
         op = self._fenced(
-            claim, "save_draft", message=draft.message_id, source=draft.source, content=q.json_text(draft.text)
+            claim,
+            "save_draft",
+            message=draft.message_id,
+            source=draft.source,
+            content=q.json_text(draft.text),
         )
         op["run"] = draft.run_id
         await self._call(op)
