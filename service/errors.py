@@ -16,8 +16,19 @@ class ServiceError(Exception):
     status: ClassVar[int] = 500
 
     def __init__(self, message: str | None = None) -> None:
-        self.message = message or (type(self).__doc__ or self.code).strip()
+        self.message = message or self.default_message()
         super().__init__(self.message)
+
+    @classmethod
+    def default_message(cls) -> str:
+        return (cls.__doc__ or cls.code).strip()
+
+    @property
+    def public_message(self) -> str:
+        """What a client may see (README "HTTP": never a path, SQL or driver detail): the message of a client
+        error (4xx, written for the client); for a server-side failure (5xx) only the class's own text, while
+        ``message`` (which may name files, hosts or SQL) goes to the server's log."""
+        return self.message if self.status < 500 else self.default_message()
 
 
 class BadRequest(ServiceError):

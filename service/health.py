@@ -26,7 +26,10 @@ async def readyz(request: web.Request) -> web.Response:
         )
     failed = request.app[keys.POOL].failed
     if failed is not None:
-        return json_response(error_body("unavailable", f"the worker pool stopped: {failed}"), status=503)
+        # The cause is in the server's log (the pool logs it loudly); it may name files or hosts.
+        return json_response(
+            error_body("unavailable", "the worker pool stopped (see the server log)"), status=503
+        )
     return json_response({"status": "ready"})
 
 

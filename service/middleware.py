@@ -38,7 +38,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ServiceError as exc:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return json_error(exc.status, exc.code, exc.message)
+        return json_error(exc.status, exc.code, exc.public_message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -39,7 +39,9 @@ class Connection:
             await self.ws.send_frame(orjson.dumps(frame), WSMsgType.TEXT)
 
     async def error(self, exc: ServiceError, client_msg_id: Any = None) -> None:
-        frame: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+        if exc.status >= 500:
+            log.warning("websocket of %s: %s", self.session.session_id, exc.message)
+        frame: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.public_message}
         if isinstance(client_msg_id, str):
             frame["client_msg_id"] = client_msg_id  # so the client knows which pending message was refused
         await self.send(frame)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import create_app
+from service.config import Config
 from tests.web import make_config, run_until_idle
 
 Client = TestClient[Any, web.Application]
@@ -238,3 +241,29 @@ async def test_health_ready_metrics_openapi_and_page(client: Client) -> None:
     assert spec["openapi"].startswith("3.") and "/sessions/{session_id}/messages" in spec["paths"]
     page = await client.get("/")
     assert page.status == 200 and "text/html" in page.headers["Content-Type"]
+
+
+async def test_a_store_failure_never_shows_the_database_path(tmp_path: Path) -> None:
+    """503 answers say what happened, not where: the file path stays in the server's log (README "HTTP")."""
+    db = tmp_path / "secret-place" / "service.db"
+    app = create_app(Config(database=str(db)), start_workers=False)
+    async with TestClient(TestServer(app)) as client:
+        with closing(sqlite3.connect(db, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock past busy_timeout
+            response = await client.post("/sessions/s1/messages", json={"content": "hi"})
+            holder.execute("ROLLBACK")
+        assert response.status == 503
+        body = await response.json()
+        assert body["error"]["code"] == "unavailable"
+        assert "secret-place" not in body["error"]["message"] and "service.db" not in body["error"]["message"]
+        assert (await client.post("/sessions/s1/messages", json={"content": "hi"})).status == 202
+
+
+def test_run_failure_texts_leave_store_details_to_the_log() -> None:
+    """What a run_failed entry shows of a store failure: what happened, not the file behind it."""
+    from service.errors import StoreUnavailable
+    from service.worker.logs import public_error_line
+
+    exc = StoreUnavailable("/srv/secret/service.db is read-only; the service needs to write to it")
+    assert public_error_line(exc) == "StoreUnavailable: The database is unavailable; nothing was stored."
+    assert public_error_line(ValueError("a model said no")) == "ValueError: a model said no"

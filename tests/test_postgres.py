@@ -283,6 +283,7 @@ async def test_read_only_database_fails_writes_with_store_unavailable(pg_url: st
             with pytest.raises(StoreUnavailable) as caught:
                 await store.enqueue(OWNER, "s1", "lost", None)
         assert isinstance(caught.value.__cause__, asyncpg.ReadOnlySQLTransactionError)
+        assert not await store.ping()  # readiness: the database answers reads but cannot take a write
         await admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
         await admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
         page = None
@@ -294,6 +295,7 @@ async def test_read_only_database_fails_writes_with_store_unavailable(pg_url: st
                 continue  # a pooled connection that died with the termination above
         assert page is not None
         assert [e.content for e in page.messages] == ["kept"]
+        assert await store.ping()
 
 
 async def test_nul_characters_and_key_order_survive(pg_url: str, clock: FakeClock) -> None:

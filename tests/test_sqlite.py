@@ -416,3 +416,19 @@ async def test_a_version_2_database_is_upgraded_with_a_waiting_question(db_path:
         assert (await store.enqueue("local", "s1", "dup", "m2")).duplicate  # idempotency kept
     finally:
         await store.close()
+
+
+async def test_readiness_says_no_while_another_process_holds_the_write_lock(db_path: str) -> None:
+    """ping() (GET /readyz) answers within its probe bound and is False while the file cannot take a write."""
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        assert await store.ping()
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+            assert not await store.ping()
+            holder.execute("ROLLBACK")
+        assert await store.ping()
+        await store.enqueue("local", "s1", "after the lock", None)  # the probe left the writer working
+    finally:
+        await store.close()

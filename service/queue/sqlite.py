@@ -37,10 +37,11 @@ from service.queue.sqlite_conn import (
     connect,
     migrations_pending,
     prepare,
+    probe_write_in_transaction,
     read_pragmas,
 )
 from service.queue.sqlite_writer import Reader, Writer
-from service.queue.store import Clock, CommitListener
+from service.queue.store import READY_PROBE_S, Clock, CommitListener
 
 
 class SqliteStore:
@@ -119,9 +120,13 @@ class SqliteStore:
 
     async def ping(self) -> bool:
         try:
-            return not await self._reader.read(lambda c: migrations_pending(c.connection))
+            if await self._reader.read(lambda c: migrations_pending(c.connection)):
+                return False
+            # A write through the writer, bounded: a lock held by another process makes it wait (busy_timeout).
+            await asyncio.wait_for(self._writer.write(probe_write_in_transaction), READY_PROBE_S)
         except Exception:
             return False
+        return True
 
     # --- sessions, log, cursors ---
     async def create_session(

@@ -139,15 +139,23 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
         raise translate(exc, path) from exc
 
 
+PROBE_WRITE = (
+    "UPDATE schema_migrations SET name = name WHERE version = (SELECT max(version) FROM schema_migrations)"
+)
+
+
+def probe_write_in_transaction(db: sqlite3.Cursor) -> None:
+    """Readiness: a write (a row rewritten with its own value) in the writer's transaction; it commits nothing new."""
+    db.execute(PROBE_WRITE)
+
+
 def probe_write(conn: sqlite3.Connection) -> None:
     """Fail at open, with a clear message, when the file cannot be written (read-only file, ``mode=ro``): SQLite
     itself only notices at the first real write, and BEGIN IMMEDIATE alone succeeds on a read-only file. The
     probe rewrites a row with its own value and rolls back, so nothing changes."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute(
-            "UPDATE schema_migrations SET name = name WHERE version = (SELECT max(version) FROM schema_migrations)"
-        )
+        conn.execute(PROBE_WRITE)
     finally:
         conn.execute("ROLLBACK")
 

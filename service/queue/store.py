@@ -48,6 +48,7 @@ Clock = Callable[[], datetime]
 CommitListener = Callable[[str, int], Awaitable[None]]
 
 DEFAULT_PAGE = 100
+READY_PROBE_S = 1.0  # how long ping() waits for its probe write (readiness must answer fast)
 MAX_PAGE = 1000
 
 
@@ -63,7 +64,8 @@ class Store(Protocol):
         """Release connections; idempotent. Pending writes are committed or failed first, never dropped silently."""
 
     async def ping(self) -> bool:
-        """True when the database answers and every known migration is applied."""
+        """True when the database answers, takes a write within ``READY_PROBE_S`` (a write lock held elsewhere,
+        a read-only file or database, a full disk: False) and every known migration is applied."""
 
     # --- sessions, log, cursors -------------------------------------------------------------------------------
     async def create_session(

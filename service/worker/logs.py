@@ -64,3 +64,13 @@ def error_line(exc: BaseException) -> str:
         line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     line = redact(line)
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def public_error_line(exc: BaseException) -> str:
+    """``error_line`` as a log entry may show it: a store failure says only what happened, never the file, host
+    or SQL behind it (those are in the server's log)."""
+    from service.errors import ServiceError
+
+    if isinstance(exc, ServiceError) and exc.status >= 500:
+        return f"{type(exc).__name__}: {exc.public_message}"
+    return error_line(exc)

@@ -53,7 +53,7 @@ from service.models import (
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.text import repair_json
-from service.worker.logs import error_line
+from service.worker.logs import error_line, public_error_line
 from service.worker.messages import to_entry
 from service.worker.state import drop_delivered_buffers, prepare_state, remember_partial, resume_task
 from service.worker.streaming import Streamer
@@ -195,8 +195,12 @@ class Run:
         try:
             team = self.deps.teams.build(self.claim.team)
         except Exception as exc:
+            log.error("%s: team %r cannot be built: %s", self.describe(), self.claim.team, error_line(exc))
             return await self._failed(
-                PermanentError(f"team {self.claim.team!r} cannot be built: {error_line(exc)}")
+                PermanentError(
+                    f"team {self.claim.team!r} cannot be built (the server log says why); check the team's"
+                    " configuration: messages sent once it is fixed run normally"
+                )
             )
         try:
             return await self._execute_team(team)
@@ -423,7 +427,7 @@ class Run:
         """Write the failure: a transient error is retried with backoff until ``max_attempts`` failures, a
         PermanentError ends the run at once. Either way the text names the error in one line."""
         await self._write_partial(reason)
-        error = error_line(exc)
+        error = public_error_line(exc)
         final = isinstance(exc, PermanentError)
         # Failures, not attempts: interruptions (shutdowns, crashes) do not use up the retries of a failing run.
         failure = self.claim.failures + 1
@@ -431,7 +435,7 @@ class Run:
         retrying = not_before is not None
         text = f"Run failed: {error}" + (" (it will be retried)" if retrying else "")
         entry = lifecycle(RUN_FAILED, text, error=error, retrying=retrying, **self._details())
-        log.warning("%s failed%s: %s", self.describe(), ", retrying" if retrying else "", error)
+        log.warning("%s failed%s: %s", self.describe(), ", retrying" if retrying else "", error_line(exc))
         if not_before is not None:
             self._publish(await self.deps.store.retry(self.claim, entry, not_before))
             return Outcome.RETRIED

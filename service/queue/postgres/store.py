@@ -57,7 +57,7 @@ from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, tran
 from service.queue.postgres.notify import Notifier
 from service.queue.postgres.outbox import Outbox
 from service.queue.postgres.schema import applied_versions, migrate
-from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
+from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener
 
 _CANCEL_TRIES = 5
 Doorbell = tuple[str, str, int]  # (channel, session_id, last_seq)
@@ -121,10 +121,19 @@ class PostgresStore:
 
     async def ping(self) -> bool:
         try:
-            async with self.engine.conn() as conn:
-                return not pending(load_migrations("postgres"), await applied_versions(conn))
-        except ServiceError:
+            return await asyncio.wait_for(self._probe(), READY_PROBE_S)
+        except Exception:  # unreachable, read-only, too slow: not ready, whatever the cause
             return False
+
+    async def _probe(self) -> bool:
+        async with self.engine.conn() as conn:
+            if pending(load_migrations("postgres"), await applied_versions(conn)):
+                return False
+            # A read-only database (default_transaction_read_only) or a standby takes no write.
+            writable: bool = await conn.fetchval(
+                "SELECT current_setting('transaction_read_only') = 'off' AND NOT pg_is_in_recovery()"
+            )
+        return writable
 
     # --- the writer ---------------------------------------------------------------------------------------------
     async def _call(self, op: dict[str, Any]) -> Any:
