@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from service.errors import ServiceError, StoreUnavailable
+from service.queue.batches import Batches, fail
 from service.queue.sqlite_conn import translate
 
 T = TypeVar("T")
@@ -86,46 +87,32 @@ def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Cursor], T], path: st
 class Writer(Thread):
     def __init__(self, name: str, path: str) -> None:
         super().__init__(name, path)
-        # A plain list and an Event rather than an asyncio.Queue: the writer takes everything at once anyway,
-        # and this is on the path of every write.
-        self._pending: list[_Pending] = []
-        self._wake = asyncio.Event()
+        self._batches: Batches[_Pending] = Batches(MAX_BATCH)
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self.commits = 0  # transactions committed: group commit makes this much smaller than the jobs run
         self.jobs = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="sqlite-writer")
+        self._task = asyncio.get_running_loop().create_task(
+            self._batches.serve(self._run), name="sqlite-writer"
+        )
 
     async def write(self, job: Callable[[sqlite3.Cursor], T]) -> T:
         """Run ``job`` in the next group commit; returns once that commit is durable."""
-        if self._closing or self.conn is None or self._task is None or self._task.done():
+        if self._batches.closing or self.conn is None or self._task is None or self._task.done():
             raise StoreUnavailable("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(job, future))
-        self._wake.set()
+        self._batches.add(_Pending(job, future))
         return await future
 
     async def close(self) -> None:
         """Stop taking jobs, commit (or fail) those already queued, then close the connection."""
-        if self._closing:
+        if self._batches.closing:
             return
-        self._closing = True
+        self._batches.close()
         if self._task is not None:
-            self._wake.set()
             await self._task
         await super().close()
-
-    async def _loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._run(batch)
-            if self._closing:
-                return
 
     async def _run(self, batch: list[_Pending]) -> None:
         conn = self.conn
@@ -135,10 +122,10 @@ class Writer(Thread):
         except asyncio.CancelledError:
             # The outcome is unknown, so nobody is told their write happened (a client that retries with its
             # client_msg_id is deduplicated if it did).
-            _fail(batch, StoreUnavailable("the SQLite writer was cancelled mid-commit"))
+            fail(batch, StoreUnavailable("the SQLite writer was cancelled mid-commit"))
             raise
         except Exception as exc:  # a bug, not a driver error (those are outcomes): fail the batch, keep going
-            _fail(batch, StoreUnavailable(f"the SQLite writer failed: {exc!r}"))
+            fail(batch, StoreUnavailable(f"the SQLite writer failed: {exc!r}"))
             await self.call(_rollback, conn)
             return
         if committed:
@@ -151,12 +138,6 @@ class Writer(Thread):
                 pending.future.set_result(outcome.value)
             else:
                 pending.future.set_exception(outcome.value)
-
-
-def _fail(batch: list[_Pending], error: StoreUnavailable) -> None:
-    for pending in batch:
-        if not pending.future.done():
-            pending.future.set_exception(StoreUnavailable(error.message))
 
 
 def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple[list[_Outcome], bool]:

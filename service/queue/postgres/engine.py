@@ -13,7 +13,6 @@ connection fails the whole batch with StoreUnavailable; the next batch reconnect
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import asyncpg
 import orjson
 
 from service.errors import BadRequest, ServiceError, StoreUnavailable
+from service.queue.batches import Batches, fail
 from service.queue.postgres import statements as q
 from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, connection_lost, translate
 from service.queue.postgres.schema import init_connection
@@ -48,10 +48,8 @@ class Engine:
         self._max_size = max_size
         self._pool: Any = None
         self._conn: Any = None  # the writer's connection
-        self._pending: list[_Call] = []
-        self._wake = asyncio.Event()
+        self._batches: Batches[_Call] = Batches(MAX_BATCH)
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self.batches = 0  # statements the writer ran (commits, when they succeed)
         self.calls = 0
 
@@ -69,13 +67,12 @@ class Engine:
             timeout=CONNECT_TIMEOUT_S,
         )
         self._conn = await self._connect()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="pg-writer")
+        self._task = asyncio.get_running_loop().create_task(self._batches.serve(self._run), name="pg-writer")
 
     async def close(self) -> None:
         """Stop taking calls, run (or fail) those already waiting, then close every connection."""
-        self._closing = True
+        self._batches.close()
         if self._task is not None:
-            self._wake.set()
             await self._task
             self._task = None
         conn, self._conn = self._conn, None
@@ -116,15 +113,14 @@ class Engine:
     # --- writes -------------------------------------------------------------------------------------------------
     async def call(self, op: dict[str, Any]) -> Any:
         """Run one verb call in the next group commit; its answer once that commit is durable."""
-        if self._closing or self._task is None or self._task.done():
+        if self._batches.closing or self._task is None or self._task.done():
             raise StoreUnavailable("the store is closed")
         try:  # here, so a value JSON cannot carry fails this call only
             body = orjson.dumps(op)
         except orjson.JSONEncodeError as exc:
             raise BadRequest(f"the database cannot store this value: {exc}") from exc
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Call(str(op.get("session") or ""), body, future))
-        self._wake.set()
+        self._batches.add(_Call(str(op.get("session") or ""), body, future))
         return await future
 
     async def _connect(self) -> Any:
@@ -136,25 +132,15 @@ class Engine:
             raise
         return conn
 
-    async def _loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._run(batch)
-            if self._closing:
-                return
-
     async def _run(self, batch: list[_Call]) -> None:
         batch.sort(key=lambda c: c.session)  # stable: one session's calls keep their order
         try:
             answers = await self._execute(batch)
         except asyncio.CancelledError:
-            _fail(batch, StoreUnavailable("the PostgreSQL writer was cancelled mid-commit"))
+            fail(batch, StoreUnavailable("the PostgreSQL writer was cancelled mid-commit"))
             raise
         except Exception as exc:  # a bug, not a driver error (those are outcomes): fail the batch, keep going
-            _fail(batch, StoreUnavailable(f"the PostgreSQL writer failed: {exc!r}"))
+            fail(batch, StoreUnavailable(f"the PostgreSQL writer failed: {exc!r}"))
             return
         self.batches += 1
         self.calls += len(batch)
@@ -205,10 +191,3 @@ def _error(exc: BaseException) -> ServiceError:
     error = translate(exc)
     error.__cause__ = exc
     return error
-
-
-def _fail(batch: list[_Call], error: StoreUnavailable) -> None:
-    for call in batch:
-        if not call.future.done():
-            with contextlib.suppress(asyncio.InvalidStateError):
-                call.future.set_exception(StoreUnavailable(error.message))
