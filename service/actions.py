@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from service import keys, parse
-from service.models import Enqueued
+from service.models import Enqueued, MultitaskStrategy
 
 
 async def submit(app: web.Application, owner: str, session_id: str, message: dict[str, Any]) -> Enqueued:
@@ -19,10 +19,15 @@ async def submit(app: web.Application, owner: str, session_id: str, message: dic
         parse.content(message, config),
         parse.client_msg_id(message),
         max_queued=config.max_queued_per_session,
+        strategy=parse.multitask_strategy(message),
     )
     if queued.entry is not None:  # a repeated client_msg_id wrote nothing
         app[keys.HUB].publish(session_id, [queued.entry])
         app[keys.METRICS].inputs_enqueued.inc()
+        if queued.strategy in (MultitaskStrategy.INTERRUPT, MultitaskStrategy.ROLLBACK):
+            # README "Double-texting": the session's run stops; this message runs next. A run waiting for a
+            # human does not take it as the answer (the store never hands such a message out as one).
+            await cancel(app, owner, session_id)
     return queued
 
 

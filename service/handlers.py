@@ -33,7 +33,10 @@ async def create_session(request: web.Request) -> web.Response:
     if team not in request.app[keys.TEAMS].names():
         raise BadRequest(f"unknown team {team!r}; configured: {', '.join(request.app[keys.TEAMS].names())}")
     title = parse.optional_str(data, "title", parse.MAX_TITLE)
-    session = await _store(request).create_session(current_user(request), sid, team, title)
+    strategy = parse.multitask_strategy(data) or "enqueue"
+    session = await _store(request).create_session(
+        current_user(request), sid, team, title, multitask_strategy=strategy
+    )
     return json_response(session.to_json(), status=201)
 
 

@@ -25,6 +25,17 @@ TEAM_RESET = "team_reset"
 DEFAULT_MAX_INTERRUPTIONS = 5
 
 
+class MultitaskStrategy(enum.StrEnum):
+    """What a message does when it arrives while the session has a run working (README "Double-texting")."""
+
+    ENQUEUE = "enqueue"  # wait behind it (the default)
+    REJECT = "reject"  # refused (409) while a run works or messages wait; nothing is written
+    INTERRUPT = "interrupt"  # the run is cancelled (the agents remember it), then this message runs
+    ROLLBACK = (
+        "rollback"  # the run is cancelled and forgotten (the agents' state as before it), then this runs
+    )
+
+
 class SessionStatus(enum.StrEnum):
     IDLE = "idle"
     QUEUED = "queued"
@@ -69,6 +80,7 @@ class Session:
     last_seq: int
     created_at: datetime
     updated_at: datetime
+    multitask_strategy: str = "enqueue"  # the session's default (README "Double-texting")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +91,7 @@ class Session:
             "last_seq": self.last_seq,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
+            "multitask_strategy": self.multitask_strategy,
         }
 
 
@@ -189,6 +202,7 @@ class Enqueued:
     client_msg_id: str | None
     duplicate: bool
     entry: Entry | None  # the new log entry; None for a duplicate
+    strategy: str = "enqueue"  # the multitask strategy that applied (the message's, else the session's)
 
     def to_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "client_msg_id": self.client_msg_id, "status": "queued"}

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from service import keys
+from service.models import MultitaskStrategy
 from service.parse import MAX_CLIENT_MSG_ID, MAX_INT
 from service.respond import json_response
 
@@ -44,6 +45,7 @@ def _param(name: str, where: str, schema: dict[str, Any], required: bool = False
 SESSION_PARAM = _param("session_id", "path", ID)
 CLIENT_PARAM = _param("client_id", "path", ID)
 COMMON = (400, 401, 404, 503)
+STRATEGY = {"type": "string", "enum": [s.value for s in MultitaskStrategy]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -74,7 +76,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "Session": {
         "type": "object",
-        "required": ["session_id", "team", "title", "status", "last_seq", "created_at", "updated_at"],
+        "required": [
+            "session_id",
+            "team",
+            "title",
+            "status",
+            "last_seq",
+            "created_at",
+            "updated_at",
+            "multitask_strategy",
+        ],
         "properties": {
             "session_id": ID,
             "team": {"type": "string"},
@@ -83,6 +94,7 @@ SCHEMAS: dict[str, Any] = {
             "last_seq": {"type": "integer", "minimum": 0},
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
+            "multitask_strategy": STRATEGY,
         },
     },
     "Entry": {
@@ -163,6 +175,7 @@ PATHS: dict[str, Any] = {
                         "session_id": ID,
                         "team": {"type": "string"},
                         "title": {"type": "string", "maxLength": 200},
+                        "multitask_strategy": STRATEGY,
                     },
                 }
             ),
@@ -200,7 +213,7 @@ PATHS: dict[str, Any] = {
             "Enqueue a user message (creates the session if absent)",
             "202",
             _ref("Queued"),
-            (400, 401, 404, 413, 429, 503),
+            (400, 401, 404, 409, 413, 429, 503),
             requestBody=_body(
                 {
                     "type": "object",
@@ -208,6 +221,7 @@ PATHS: dict[str, Any] = {
                     "properties": {
                         "content": {"type": "string", "minLength": 1, "pattern": "\\S"},
                         "client_msg_id": {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_MSG_ID},
+                        "multitask_strategy": STRATEGY,
                     },
                 }
             ),

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from service.config import Config
 from service.errors import BadRequest, TooLarge
+from service.models import MultitaskStrategy
 from service.text import repair_json
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: "$" would also accept a trailing newline
@@ -118,6 +119,17 @@ def client_msg_id(data: dict[str, Any]) -> str | None:
     if value == "":
         raise BadRequest("client_msg_id must not be empty")
     return value
+
+
+def multitask_strategy(data: dict[str, Any]) -> str | None:
+    """``multitask_strategy`` of a body or frame (README "Double-texting"), or None when absent."""
+    value = data.get("multitask_strategy")
+    if value is None:
+        return None
+    choices = [s.value for s in MultitaskStrategy]
+    if value not in choices:
+        raise BadRequest(f"multitask_strategy must be one of {', '.join(choices)}")
+    return str(value)
 
 
 def seq(value: Any) -> int:

@@ -971,6 +971,40 @@ async def test_a_dead_runs_draft_becomes_a_partial_entry(store: Store, clock: Fa
     assert await store.read_draft("s1") is None  # a graceful stop wrote its own partial entry
 
 
+async def test_multitask_strategies_in_the_store(store: Store) -> None:
+    """reject refuses (nothing written) while a run works or inputs wait; a duplicate is still answered; a
+    session's default applies; interrupt/rollback inputs are never answers; rollback_requested sees them."""
+    made = await store.create_session(ALICE, "s1", "default", None, multitask_strategy="reject")
+    assert made.multitask_strategy == "reject"
+    first = await store.enqueue(ALICE, "s1", "one", "m1")
+    assert first.strategy == "reject"  # idle: accepted
+    claim = await claim_one(store)
+    before = await log_json(store, "s1")
+    with pytest.raises(Conflict):
+        await store.enqueue(ALICE, "s1", "two", "m2")  # the session's default
+    with pytest.raises(Conflict):
+        await store.enqueue(ALICE, "s1", "two", "m2", strategy="reject")
+    assert (
+        await store.enqueue(ALICE, "s1", "one again", "m1")
+    ).duplicate  # a resend is answered, not refused
+    assert await log_json(store, "s1") == before
+    await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
+    answer = await store.enqueue(ALICE, "s1", "the answer", None)  # awaiting, nothing queued: taken
+    assert await store.take_answer(claim, 0) == Answer(answer.seq, "the answer")
+    assert not await store.rollback_requested(claim)
+    await store.append(claim, [NewEntry(USER_INPUT_REQUESTED, "assistant", "")])
+    stop = await store.enqueue(ALICE, "s1", "stop that", None, strategy="rollback")
+    assert stop.strategy == "rollback"
+    assert await store.take_answer(claim, 1) is None  # not an answer: it runs as its own input
+    assert await store.rollback_requested(claim)
+    with pytest.raises(Conflict):
+        await store.enqueue(ALICE, "s1", "and this", None)  # something is queued now
+    await store.finish(claim, completed(), None)
+    nxt = await claim_one(store)
+    assert nxt.input_seq == stop.seq
+    assert (await store.get_session(ALICE, "s1")) is not None
+
+
 # --- owners ---------------------------------------------------------------------------------------
 async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
     await store.create_session(ALICE, "s1", "default", "private")

@@ -32,6 +32,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    MultitaskStrategy,
     NewEntry,
     Page,
     PartialReason,
@@ -96,6 +97,7 @@ class _Session:
     awaiting: bool = False
     failed: bool = False  # the last run ended with a final run_failed
     draft: Draft | None = None
+    multitask_strategy: str = MultitaskStrategy.ENQUEUE
 
     def public(self, status: SessionStatus) -> Session:
         return Session(
@@ -107,6 +109,7 @@ class _Session:
             len(self.log),
             self.created_at,
             self.updated_at,
+            self.multitask_strategy,
         )
 
 
@@ -122,6 +125,7 @@ class _Input:
     failures: int = 0
     interruptions: int = 0
     answers: list[Answer] = field(default_factory=list)  # taken by this input's runs, in order
+    strategy: str = MultitaskStrategy.ENQUEUE
     lease_token: str = ""
     lease_expires_at: datetime | None = None
     run_id: str = ""
@@ -154,7 +158,13 @@ class MemoryStore:
 
     # --- sessions, log, cursors -------------------------------------------------------------------
     async def create_session(
-        self, owner: str, session_id: str | None, team: str, title: str | None
+        self,
+        owner: str,
+        session_id: str | None,
+        team: str,
+        title: str | None,
+        *,
+        multitask_strategy: str = MultitaskStrategy.ENQUEUE,
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
         async with self._lock:
@@ -162,7 +172,9 @@ class MemoryStore:
                 session_id = self._new_session_id()
             elif session_id in self._sessions:
                 raise Conflict(f"session {session_id!r} already exists")
-            return self._public(self._create(owner, session_id, team, title))
+            row = self._create(owner, session_id, team, title)
+            row.multitask_strategy = MultitaskStrategy(multitask_strategy)
+            return self._public(row)
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         rules.check_labels(session_id=session_id)
@@ -242,6 +254,7 @@ class MemoryStore:
         *,
         team: str = "default",
         max_queued: int | None = None,
+        strategy: str | None = None,
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         async with self._lock:
@@ -250,21 +263,26 @@ class MemoryStore:
                 row = self._create(owner, session_id, team, None)
             elif row.owner != owner:
                 raise NotFound(f"session {session_id!r} not found")
+            chosen = rules.strategy(strategy, row.multitask_strategy)
             if client_msg_id is not None and client_msg_id in row.msg_ids:
-                return Enqueued(session_id, row.msg_ids[client_msg_id], client_msg_id, True, None)
-            if max_queued is not None and (queued := self._queued_in(row)) >= max_queued:
+                return Enqueued(session_id, row.msg_ids[client_msg_id], client_msg_id, True, None, chosen)
+            queued = self._queued_in(row)
+            if rules.rejects(chosen, self._status(row), queued):
+                raise rules.busy(session_id)
+            if max_queued is not None and queued >= max_queued:
                 raise rules.queue_full(session_id, queued, max_queued)
             entry = self._append(row, NewEntry("TextMessage", "user", content), None, client_msg_id)
             if client_msg_id is not None:
                 row.msg_ids[client_msg_id] = entry.seq
             item = _Input(self._next_input_id, session_id, entry.seq, content, not_before=self._clock())
+            item.strategy = chosen
             self._next_input_id += 1
             self._inputs[item.input_id] = item
             row.pending.append(item.input_id)
             if len(row.pending) == 1:
                 self._push_head(row)
             self._wake()
-            return Enqueued(session_id, entry.seq, client_msg_id, False, _copy_entry(entry))
+            return Enqueued(session_id, entry.seq, client_msg_id, False, _copy_entry(entry), chosen)
 
     async def wait_for_work(self, timeout_s: float) -> None:
         async with self._lock:
@@ -346,12 +364,22 @@ class MemoryStore:
                 queued = [i for i in row.pending if self._inputs[i].status == QUEUED]
                 if len(asking.answers) != index or not queued:
                     return None
+                if not rules.may_answer(self._inputs[queued[0]].strategy):
+                    return None  # sent to interrupt or roll back this run: it runs as its own input
                 item = self._inputs.pop(queued[0])
                 row.pending.remove(item.input_id)
                 asking.answers.append(Answer(item.seq, item.content))
             row.awaiting = False
             row.updated_at = self._clock()
             return asking.answers[index]
+
+    async def rollback_requested(self, claim: Claim) -> bool:
+        async with self._lock:
+            row = self._sessions.get(claim.session_id)
+            return row is not None and any(
+                i > claim.input_id and self._inputs[i].strategy == MultitaskStrategy.ROLLBACK
+                for i in row.pending
+            )
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         async with self._lock:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from service.errors import BadRequest, QueueFull
-from service.models import RUN_FAILED, SessionStatus
+from service.errors import BadRequest, Conflict, QueueFull
+from service.models import RUN_FAILED, MultitaskStrategy, SessionStatus
 
 # C0 controls (NUL included) and DEL. PostgreSQL's text cannot hold NUL at all, and a control character in an
 # id or a title is never what a client meant: refused everywhere, so every backend answers the same.
@@ -53,3 +53,27 @@ def is_run(status: str, attempt: int) -> bool:
     """Whether a session's head input is a run ``request_cancel`` can end: a running input, or one queued again
     after a failure or an interruption (attempt > 1). Inputs never started are not runs."""
     return status == "running" or attempt > 1
+
+
+def strategy(value: str | None, session_default: str) -> MultitaskStrategy:
+    """The multitask strategy of a message: its own, else its session's (README "Double-texting")."""
+    return MultitaskStrategy(value or session_default)
+
+
+def rejects(chosen: MultitaskStrategy, status: SessionStatus, queued: int) -> bool:
+    """``reject`` refuses a message while the session has a run working or messages waiting. A session waiting
+    for a human (``awaiting_input``, nothing queued) takes the message: it is the answer, not a new run."""
+    return chosen is MultitaskStrategy.REJECT and (status is SessionStatus.RUNNING or queued > 0)
+
+
+def busy(session_id: str) -> Conflict:
+    """The one Conflict every backend raises for a refused ``reject`` message."""
+    return Conflict(
+        f"session {session_id!r} has a run in progress or messages waiting (multitask_strategy 'reject')"
+    )
+
+
+def may_answer(input_strategy: str) -> bool:
+    """Whether a queued message may be taken as the answer to a human-input request: not one sent to interrupt
+    or roll back the run (it must run as its own input)."""
+    return input_strategy not in (MultitaskStrategy.INTERRUPT, MultitaskStrategy.ROLLBACK)

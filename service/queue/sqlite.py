@@ -23,6 +23,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    MultitaskStrategy,
     NewEntry,
     Page,
     Session,
@@ -130,11 +131,19 @@ class SqliteStore:
 
     # --- sessions, log, cursors ---
     async def create_session(
-        self, owner: str, session_id: str | None, team: str, title: str | None
+        self,
+        owner: str,
+        session_id: str | None,
+        team: str,
+        title: str | None,
+        *,
+        multitask_strategy: str = MultitaskStrategy.ENQUEUE,
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
-        now = self.clock()
-        return await self._writer.write(lambda c: ops.create_session(c, now, owner, session_id, team, title))
+        now, chosen = self.clock(), MultitaskStrategy(multitask_strategy)
+        return await self._writer.write(
+            lambda c: ops.create_session(c, now, owner, session_id, team, title, chosen)
+        )
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         rules.check_labels(session_id=session_id)
@@ -171,11 +180,14 @@ class SqliteStore:
         *,
         team: str = "default",
         max_queued: int | None = None,
+        strategy: str | None = None,
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         now = self.clock()
         done = await self._writer.write(
-            lambda c: queue.enqueue(c, now, owner, session_id, content, client_msg_id, team, max_queued)
+            lambda c: queue.enqueue(
+                c, now, owner, session_id, content, client_msg_id, team, max_queued, strategy
+            )
         )
         if not done.duplicate:
             self._work.set()
@@ -221,6 +233,9 @@ class SqliteStore:
     async def take_answer(self, claim: Claim, index: int) -> Answer | None:
         now = self.clock()
         return await self._writer.write(lambda c: queue.take_answer(c, now, claim, index))
+
+    async def rollback_requested(self, claim: Claim) -> bool:
+        return await self._reader.read(lambda c: queue.rollback_requested(c, claim))
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()

@@ -29,10 +29,10 @@ from service.models import (
 from service.queue.sqlite_conn import stamp
 
 Db = sqlite3.Cursor
-SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at"
+SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at, multitask_strategy"
 ENTRY_COLS = "seq, session_id, type, source, content, created_at, run_id, client_msg_id, metadata"
 
-INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLS}) VALUES (?, ?, ?, ?, 'idle', 0, ?, ?)"
+INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLS}) VALUES (?, ?, ?, ?, 'idle', 0, ?, ?, ?)"
 INSERT_ENTRY = f"INSERT INTO entries ({ENTRY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # One statement moves everything a write changes on the session; NULL keeps the old status / team state.
 # With :queued_first, the status becomes 'queued' when inputs of the session wait (a run just ended).
@@ -47,9 +47,17 @@ ON CONFLICT (session_id) DO UPDATE SET state = excluded.state, updated_at = excl
 
 
 def to_session(row: sqlite3.Row | tuple[Any, ...]) -> Session:
-    sid, owner, team, title, status, last_seq, created, updated = row
+    sid, owner, team, title, status, last_seq, created, updated, strategy = row
     return Session(
-        sid, owner, team, title, SessionStatus(status), last_seq, parse_iso(created), parse_iso(updated)
+        sid,
+        owner,
+        team,
+        title,
+        SessionStatus(status),
+        last_seq,
+        parse_iso(created),
+        parse_iso(updated),
+        strategy,
     )
 
 
@@ -73,13 +81,19 @@ def owned(db: Db, owner: str, session_id: str) -> Session | None:
 
 
 def create_session(
-    db: Db, now: datetime, owner: str, session_id: str | None, team: str, title: str | None
+    db: Db,
+    now: datetime,
+    owner: str,
+    session_id: str | None,
+    team: str,
+    title: str | None,
+    multitask_strategy: str = "enqueue",
 ) -> Session:
     sid = session_id or new_session_id()
     if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (sid,)).fetchone() is not None:
         raise Conflict(f"session {sid!r} already exists")
-    db.execute(INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now)))
-    return Session(sid, owner, team, title, SessionStatus.IDLE, 0, now, now)
+    db.execute(INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now), multitask_strategy))
+    return Session(sid, owner, team, title, SessionStatus.IDLE, 0, now, now, multitask_strategy)
 
 
 def list_sessions(db: Db, owner: str) -> list[Session]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    MultitaskStrategy,
     NewEntry,
     PartialReason,
     SessionStatus,
@@ -43,8 +45,8 @@ from service.queue.sqlite_ops import (
     set_status,
 )
 
-INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at)
-VALUES (?, ?, ?, 'queued', 1, ?, ?)"""
+INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at,
+strategy) VALUES (?, ?, ?, 'queued', 1, ?, ?, ?)"""
 
 # Per-session FIFO and one running input per session, as a WHERE clause: the oldest queued input that is due,
 # whose session has nothing running and no older queued input (a retry waiting on backoff keeps its place).
@@ -82,24 +84,28 @@ def enqueue(
     client_msg_id: str | None,
     team: str,
     max_queued: int | None,
+    strategy: str | None = None,
 ) -> Enqueued:
-    row = db.execute(
-        "SELECT owner, status, last_seq FROM sessions WHERE session_id = ?", (session_id,)
-    ).fetchone()
+    sql = "SELECT owner, status, last_seq, multitask_strategy FROM sessions WHERE session_id = ?"
+    row = db.execute(sql, (session_id,)).fetchone()
     if row is None:
         create_session(db, now, owner, session_id, team, None)
-        row = (owner, SessionStatus.IDLE.value, 0)
+        row = (owner, SessionStatus.IDLE.value, 0, MultitaskStrategy.ENQUEUE.value)
     elif row[0] != owner:
         raise NotFound(f"session {session_id!r} not found")
-    if client_msg_id is not None and max_queued is not None:
-        # A duplicate is answered before the queue limit is looked at (it enqueues nothing).
+    chosen = rules.strategy(strategy, row[3])
+    checks = max_queued is not None or chosen is MultitaskStrategy.REJECT
+    if client_msg_id is not None and checks:
+        # A duplicate is answered before the queue limit or the strategy is looked at (it enqueues nothing).
         seen = _seen(db, session_id, client_msg_id)
         if seen is not None:
-            return seen
-    if max_queued is not None:
+            return replace(seen, strategy=chosen)
+    if checks:
         sql = "SELECT count(*) FROM inputs WHERE session_id = ? AND status = 'queued'"
         (queued,) = db.execute(sql, (session_id,)).fetchone()
-        if queued >= max_queued:
+        if rules.rejects(chosen, SessionStatus(row[1]), queued):
+            raise rules.busy(session_id)
+        if max_queued is not None and queued >= max_queued:
             raise rules.queue_full(session_id, queued, max_queued)
     # A running (or awaiting) session stays so; an idle or failed one now has work waiting.
     status = SessionStatus.QUEUED if row[1] in (SessionStatus.IDLE, SessionStatus.FAILED) else None
@@ -114,9 +120,9 @@ def enqueue(
         seen = None if client_msg_id is None else _seen(db, session_id, client_msg_id)
         if seen is None:
             raise
-        return seen
-    db.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now)))
-    return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
+        return replace(seen, strategy=chosen)
+    db.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now), chosen.value))
+    return Enqueued(session_id, entry.seq, client_msg_id, False, entry, chosen)
 
 
 def _seen(db: Db, session_id: str, client_msg_id: str) -> Enqueued | None:
@@ -196,9 +202,8 @@ def cancel_requested(db: Db, claim: Claim) -> bool:
 
 
 ANSWERS = "SELECT input_seq, content FROM inputs WHERE answer_for = ? ORDER BY id LIMIT 1 OFFSET ?"
-OLDEST_QUEUED = (
-    "SELECT id, input_seq, content FROM inputs WHERE session_id = ? AND status = 'queued' ORDER BY id"
-)
+OLDEST_QUEUED = """SELECT id, input_seq, content, strategy FROM inputs WHERE session_id = ? AND status = 'queued'
+ORDER BY id"""
 BIND_ANSWER = "UPDATE inputs SET status = 'done', answer_for = ? WHERE id = ?"
 
 
@@ -210,12 +215,19 @@ def take_answer(db: Db, now: datetime, claim: Claim, index: int) -> Answer | Non
             "SELECT count(*) FROM inputs WHERE answer_for = ?", (claim.input_id,)
         ).fetchone()
         queued = db.execute(OLDEST_QUEUED, (claim.session_id,)).fetchone()
-        if taken != index or queued is None:
-            return None
+        if taken != index or queued is None or not rules.may_answer(queued[3]):
+            return None  # no answer yet, or the next message was sent to interrupt or roll back this run
         db.execute(BIND_ANSWER, (claim.input_id, queued[0]))
-        row = queued[1:]
+        row = queued[1:3]
     set_status(db, claim.session_id, SessionStatus.RUNNING, now)
     return Answer(int(row[0]), row[1])
+
+
+def rollback_requested(db: Db, claim: Claim) -> bool:
+    sql = (
+        "SELECT 1 FROM inputs WHERE session_id = ? AND status = 'queued' AND strategy = 'rollback' AND id > ?"
+    )
+    return db.execute(sql, (claim.session_id, claim.input_id)).fetchone() is not None
 
 
 def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:

@@ -69,9 +69,16 @@ class Store(Protocol):
 
     # --- sessions, log, cursors -------------------------------------------------------------------------------
     async def create_session(
-        self, owner: str, session_id: str | None, team: str, title: str | None
+        self,
+        owner: str,
+        session_id: str | None,
+        team: str,
+        title: str | None,
+        *,
+        multitask_strategy: str = "enqueue",
     ) -> Session:
         """Create an idle session. ``session_id=None`` generates one (``s_`` + 16 hex chars).
+        ``multitask_strategy``: the session's default for messages that arrive while a run works.
         Raises Conflict when the id exists (whoever owns it)."""
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
@@ -115,13 +122,19 @@ class Store(Protocol):
         *,
         team: str = "default",
         max_queued: int | None = None,
+        strategy: str | None = None,
     ) -> Enqueued:
         """Append the user's ``TextMessage`` (source ``user``) and its queue item in ONE transaction.
 
         Creates the session (with ``team``) when absent; another owner's session raises NotFound.
         A ``client_msg_id`` already used in this session returns the first answer (``duplicate=True``) and writes
         nothing, also after a restart. More than ``max_queued`` queued (not running) inputs raises QueueFull.
-        The input starts at attempt 1. Wakes ``wait_for_work`` waiters."""
+        The input starts at attempt 1. Wakes ``wait_for_work`` waiters.
+
+        ``strategy`` (None: the session's ``multitask_strategy``; ``rules.strategy``): ``reject`` raises Conflict
+        (``rules.busy``, nothing written) while the session has a run working or inputs queued
+        (``rules.rejects``); ``interrupt``/``rollback`` inputs are never taken as answers (``rules.may_answer``);
+        the caller then asks the session's run to stop. ``Enqueued.strategy`` says which applied."""
 
     async def wait_for_work(self, timeout_s: float) -> None:
         """Return when work may have become claimable (enqueue, retry, release, recovery) or after timeout_s.
@@ -157,6 +170,10 @@ class Store(Protocol):
         the same input already took is given again; otherwise the session's oldest queued input becomes it: it
         is marked done (it is already in the log) and bound to this input (``inputs.answer_for``). The session
         goes back to ``running``. None when there is no such answer yet. LeaseLost if fenced."""
+
+    async def rollback_requested(self, claim: Claim) -> bool:
+        """True when an input with strategy ``rollback`` waits in the claim's session behind it: a stopped run
+        then keeps the previous team state (README "Double-texting")."""
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         """End the run: append ``entry`` (run_completed, run_cancelled or a final run_failed), mark the input done,

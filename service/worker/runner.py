@@ -408,6 +408,13 @@ class Run:
         # A fresh team loaded with this state works after a mid-turn cancel: keep what was said, including the
         # text the user saw of a message cut off. Loading it repairs what the stop left unfinished.
         cut = await self._write_partial(PartialReason.CANCELLED)
+        if await store.rollback_requested(claim):
+            # README "Double-texting": a rollback message waits; the agents forget this run (the state stays
+            # as the previous run left it), its entries stay in the log, marked by this one.
+            text = "Run cancelled and rolled back: the agents do not remember it."
+            entry = lifecycle(RUN_CANCELLED, text, rolled_back=True, **self._details())
+            self._publish([await store.finish(claim, entry, None)])
+            return Outcome.CANCELLED
         state = await _saved_state(team) if self.prepared else None  # unprepared: keep the previous state
         if state is not None and cut is not None:
             state = remember_partial(state, cut)

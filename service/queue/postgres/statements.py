@@ -25,7 +25,7 @@ BATCH = "SELECT svc_batch($1::text::json, $2::float8)"  # text in: the store enc
 # The database's clock as this store sees it ($1: the test offset, 0 in production).
 DB_NOW = "SELECT now() + $1::float8 * interval '1 second'"
 
-SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at"
+SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at, multitask_strategy"
 ENTRY_COLS = "session_id, seq, type, source, content, run_id, client_msg_id, metadata, created_at"
 
 GET_SESSION = f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = $1 AND owner = $2"
@@ -44,6 +44,10 @@ COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'r
 EXPIRED = """
 SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
 WHERE status = 'running' AND lease_expires_at < now() + $1::float8 * interval '1 second' ORDER BY id"""
+# Double-texting: a rollback message waits behind the run (README "Double-texting").
+ROLLBACK_REQUESTED = """
+SELECT EXISTS (SELECT 1 FROM inputs WHERE session_id = $1 AND status = 'queued' AND strategy = 'rollback'
+               AND id > $2)"""
 READ_DRAFT = "SELECT run_id, message_id, source, content FROM drafts WHERE session_id = $1"
 # The session's current run (rules.is_run decides whether it is one), owner-checked.
 CURRENT_RUN = """
@@ -104,6 +108,7 @@ def session_of(row: Any) -> Session:
         last_seq=row["last_seq"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        multitask_strategy=row["multitask_strategy"],
     )
 
 

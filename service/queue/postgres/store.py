@@ -33,6 +33,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    MultitaskStrategy,
     NewEntry,
     Page,
     PartialReason,
@@ -151,15 +152,21 @@ class PostgresStore:
 
     # --- sessions, log, cursors ---------------------------------------------------------------------------------
     async def create_session(
-        self, owner: str, session_id: str | None, team: str, title: str | None
+        self,
+        owner: str,
+        session_id: str | None,
+        team: str,
+        title: str | None,
+        *,
+        multitask_strategy: str = MultitaskStrategy.ENQUEUE,
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
         sid = session_id if session_id is not None else new_session_id()
-        done = await self._call(
-            {"op": "create_session", "session": sid, "owner": owner, "team": team, "title": title}
-        )
+        chosen = MultitaskStrategy(multitask_strategy)
+        op = {"op": "create_session", "session": sid, "owner": owner, "team": team, "title": title}
+        done = await self._call({**op, "multitask_strategy": chosen.value})
         at = q.from_us(done["at"])
-        return Session(sid, owner, team, title, SessionStatus.IDLE, 0, at, at)
+        return Session(sid, owner, team, title, SessionStatus.IDLE, 0, at, at, chosen.value)
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         rules.check_labels(session_id=session_id)
@@ -237,9 +244,11 @@ class PostgresStore:
         *,
         team: str = "default",
         max_queued: int | None = None,
+        strategy: str | None = None,
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         op = {
+            "strategy": None if strategy is None else MultitaskStrategy(strategy).value,
             "op": "enqueue",
             "session": session_id,
             "owner": owner,
@@ -249,12 +258,13 @@ class PostgresStore:
             "max_queued": max_queued,
         }
         done = await self._call(op)
+        chosen = MultitaskStrategy(done["strategy"])
         if "dup" in done:
-            return Enqueued(session_id, int(done["dup"]), client_msg_id, True, None)
+            return Enqueued(session_id, int(done["dup"]), client_msg_id, True, None, chosen)
         user = NewEntry("TextMessage", "user", content)
         [entry] = q.appended(session_id, [user], done["seq"], q.from_us(done["at"]), None, client_msg_id)
         self._ring([(q.LOG_CHANNEL, session_id, entry.seq), (q.WORK_CHANNEL, session_id, 0)])
-        return Enqueued(session_id, entry.seq, client_msg_id, False, entry)
+        return Enqueued(session_id, entry.seq, client_msg_id, False, entry, chosen)
 
     async def wait_for_work(self, timeout_s: float) -> None:
         # The look goes through the writer, so it is ordered with every write submitted before or after it.
@@ -342,6 +352,10 @@ class PostgresStore:
             doorbells.append((q.WORK_CHANNEL, session_id, 0))
         self._ring(doorbells)
         return written
+
+    async def rollback_requested(self, claim: Claim) -> bool:
+        async with self.engine.conn() as conn:
+            return bool(await conn.fetchval(q.ROLLBACK_REQUESTED, claim.session_id, claim.input_id))
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         args: dict[str, Any] = {"entry": q.new_entry_json(entry)}
@@ -485,6 +499,8 @@ def _refusal(answer: dict[str, Any], op: dict[str, Any]) -> ServiceError:
         return NotFound(f"session {session_id!r} not found")
     if err == "queue_full":
         return rules.queue_full(session_id, int(answer["queued"]), int(op["max_queued"]))
+    if err == "busy":
+        return rules.busy(session_id)
     if err == "conflict":
         if op["op"] == "reset":
             return Conflict(f"session {session_id!r} has a run in progress: cancel it first")
