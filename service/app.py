@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from service import keys, middleware
+from service import keys, middleware, tracing
 from service.config import Config
 from service.hub import Hub
 from service.metrics import Metrics
@@ -26,7 +26,8 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     """The aiohttp application. ``store`` overrides ``config.database`` (tests); ``start_workers=False`` leaves
     the pool stopped so a test can drive it with ``run_until_idle()``."""
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[middleware.errors, middleware.auth]
+        client_max_size=config.max_body_bytes,
+        middlewares=[*([middleware.traced] if tracing.enabled() else []), middleware.errors, middleware.auth],
     )
     app[keys.CONFIG] = config
     app[keys.STORE] = store or open_store(

@@ -53,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def serve(config: Config) -> None:
+    from service import tracing
     from service.app import create_app  # imports AutoGen: keep `--help` fast
 
+    provider = tracing.setup()  # README "Tracing": only when the OTEL_* environment asks for it
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=config.grace_s + 5)
     await runner.setup()
@@ -79,6 +81,8 @@ async def serve(config: Config) -> None:
         log.info("shutting down: no new inputs; runs get %.0f s to finish", config.grace_s)
     finally:
         await runner.cleanup()
+        if provider is not None:
+            await asyncio.to_thread(provider.shutdown)  # exports the spans still buffered (bounded by OTLP timeouts)
         log.info("stopped")
     await _leave_abandoned_runs()
 

@@ -6,8 +6,9 @@ import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from opentelemetry.trace import SpanKind
 
-from service import keys
+from service import keys, tracing
 from service.auth import OWNER_KEY, authenticate, is_public
 from service.errors import ServiceError, error_body
 from service.respond import json_response
@@ -59,3 +60,17 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not is_public(request.path):
         request[OWNER_KEY] = authenticate(request.app[keys.CONFIG], request)
     return await handler(request)
+
+
+@web.middleware
+async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A span per request (README "Tracing"), continuing the client's ``traceparent`` when it sends one; only
+    installed when tracing is on."""
+    route = request.match_info.route.resource
+    name = f"{request.method} {route.canonical if route is not None else request.path}"
+    with tracing.tracer().start_as_current_span(
+        name, context=tracing.context_of(request.headers), kind=SpanKind.SERVER
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response

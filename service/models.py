@@ -229,6 +229,8 @@ class Claim:
     team_state: dict[str, Any] | None = field(default=None, compare=False)
     # Attempts of this input that failed (interrupted ones do not count): what the retry policy decides on.
     failures: int = 0
+    # The trace context of the request that enqueued the input (W3C headers; README "Tracing"), or None.
+    trace_context: dict[str, str] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from autogen_agentchat.messages import (
 from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient
 
+from service import tracing
 from service.errors import LeaseLost
 from service.hub import Hub
 from service.models import (
@@ -178,6 +179,23 @@ class Run:
         return f"run {c.run_id} (session {c.session_id}, input {c.input_seq}, attempt {c.attempt})"
 
     async def execute(self) -> Outcome:
+        """The run, inside its trace span (README "Tracing"): a child of the request that enqueued the input."""
+        c = self.claim
+        attributes: dict[str, str | int] = {
+            "session_id": c.session_id,
+            "run_id": c.run_id,
+            "input_seq": c.input_seq,
+            "attempt": c.attempt,
+            "team": c.team,
+        }
+        with tracing.tracer().start_as_current_span(
+            "run", context=tracing.context_of(c.trace_context), attributes=attributes
+        ) as span:
+            outcome = await self._execute_guarded()
+            span.set_attribute("outcome", outcome.value)
+            return outcome
+
+    async def _execute_guarded(self) -> Outcome:
         try:
             return await self._execute()
         except LeaseLost:
