@@ -34,6 +34,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         sqlite_synchronous=config.sqlite_synchronous,
         exclusive=True,
         max_interruptions=config.max_interruptions,
+        sqlite_wal_limit_mb=config.sqlite_wal_limit_mb,
     )
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)

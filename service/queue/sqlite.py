@@ -40,8 +40,11 @@ from service.queue.sqlite_conn import (
     probe_write_in_transaction,
     read_pragmas,
 )
-from service.queue.sqlite_writer import Reader, Writer
+from service.queue.sqlite_writer import WAL_CHECK_S, Reader, Writer, wal_size
 from service.queue.store import READY_PROBE_S, Clock, CommitListener
+
+
+DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
 
 
 class SqliteStore:
@@ -55,8 +58,13 @@ class SqliteStore:
         clock: Clock = utcnow,
         exclusive: bool = False,
         max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+        wal_limit_bytes: int = DEFAULT_WAL_LIMIT,
+        wal_check_s: float = WAL_CHECK_S,
     ) -> None:
-        """``exclusive``: this process is the file's only service (the server sets it). It takes an OS lock on
+        """``wal_limit_bytes``: the WAL is brought back under this size (checked every ``wal_check_s``) once no
+        reader holds it (README "Storage and durability").
+
+        ``exclusive``: this process is the file's only service (the server sets it). It takes an OS lock on
         ``<path>.lock`` and, since no other process can then hold a lease, re-queues every input left running by
         a dead predecessor at once, instead of after its lease expires."""
         self.path = path
@@ -65,7 +73,8 @@ class SqliteStore:
         self.synchronous = check_synchronous(synchronous)
         self.clock = clock
         self.max_interruptions = max_interruptions
-        self._writer = Writer("sqlite-writer", path)
+        self.wal_limit_bytes = wal_limit_bytes
+        self._writer = Writer("sqlite-writer", path, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s)
         self._reader = Reader("sqlite-reader", path)
         # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
         # a commit that lands after a claim found nothing is never missed by the next wait_for_work.
@@ -82,7 +91,9 @@ class SqliteStore:
             self._lock = FileLock.take(self.path + ".lock")
         try:
             writer = await self._writer.open(
-                lambda: connect(self.path, synchronous=self.synchronous, writer=True)
+                lambda: connect(
+                    self.path, synchronous=self.synchronous, writer=True, wal_limit_bytes=self.wal_limit_bytes
+                )
             )
             await self._writer.call(prepare, writer, self.path)
             await self._reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
@@ -110,6 +121,15 @@ class SqliteStore:
         await self._writer.close()
         await self._reader.close()
         self._release_lock()
+
+    async def bound_wal(self) -> int:
+        """Bring the WAL back under ``wal_limit_bytes`` now if no reader holds it (the writer also does this by
+        itself every ``wal_check_s``); the WAL's size in bytes after."""
+        return await self._writer.bound_wal()
+
+    def wal_size(self) -> int:
+        """The WAL file's size in bytes (0 when there is none)."""
+        return wal_size(self.path)
 
     async def pragmas(self) -> dict[str, Any]:
         """The write connection's settings as SQLite reports them (diagnostics; tests check they are honoured)."""

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from service.errors import ServiceError, StoreUnavailable
-from service.queue.sqlite_conn import translate
+from service.queue.sqlite_conn import BUSY_TIMEOUT_MS, translate
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]
 MAX_BATCH = 512  # bounds how long one transaction holds the write lock (and the latency of its first caller)
+WAL_CHECK_S = 10.0  # how often the writer checks the WAL's size (README "Storage": back under the bound in < 1 min)
 
 
 @dataclass(slots=True)
@@ -84,8 +87,15 @@ def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Cursor], T], path: st
 
 
 class Writer(Thread):
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(
+        self, name: str, path: str, *, wal_limit_bytes: int | None = None, wal_check_s: float = WAL_CHECK_S
+    ) -> None:
+        """``wal_limit_bytes``: every ``wal_check_s`` (idle or busy) a WAL larger than this is checkpointed and
+        truncated, unless a reader still holds it (then the next check tries again). None: never."""
         super().__init__(name, path)
+        self.wal_limit_bytes = wal_limit_bytes
+        self.wal_check_s = wal_check_s
+        self._next_wal_check = time.monotonic() + wal_check_s
         # A plain list and an Event rather than an asyncio.Queue: the writer takes everything at once anyway,
         # and this is on the path of every write.
         self._pending: list[_Pending] = []
@@ -119,13 +129,31 @@ class Writer(Thread):
 
     async def _loop(self) -> None:
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                # Wakes up by itself now and then so the WAL is bounded on an idle service too.
+                async with asyncio.timeout(self.wal_check_s if self.wal_limit_bytes is not None else None):
+                    await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 await self._run(batch)
+                await self._maybe_bound_wal()
             if self._closing:
                 return
+            await self._maybe_bound_wal()
+
+    async def _maybe_bound_wal(self) -> None:
+        if self.wal_limit_bytes is None or time.monotonic() < self._next_wal_check:
+            return
+        self._next_wal_check = time.monotonic() + self.wal_check_s
+        await self.bound_wal()
+
+    async def bound_wal(self) -> int:
+        """Checkpoint and truncate the WAL when it is over the limit (never waits for readers); its size after."""
+        conn = self.conn
+        if conn is None or self.wal_limit_bytes is None:
+            return 0
+        return await self.call(_bound_wal, conn, self.path, self.wal_limit_bytes)
 
     async def _run(self, batch: list[_Pending]) -> None:
         conn = self.conn
@@ -151,6 +179,34 @@ class Writer(Thread):
                 pending.future.set_result(outcome.value)
             else:
                 pending.future.set_exception(outcome.value)
+
+
+def wal_size(path: str) -> int:
+    try:
+        return os.path.getsize(path + "-wal")
+    except OSError:
+        return 0
+
+
+def _bound_wal(conn: sqlite3.Connection, path: str, limit: int) -> int:
+    """Runs on the writer thread, between transactions. A WAL grows without bound while a reader holds an old
+    snapshot (a backup, a long query): SQLite's automatic checkpoints can copy nothing that reader may still
+    read, and even once they catch up the file keeps its size. When it is over ``limit``: a TRUNCATE checkpoint
+    with no busy wait (a reader still there makes it give up at once, and the next check tries again), which
+    copies every frame back into the database and empties the file. ``journal_size_limit`` (set at connect)
+    also trims it whenever SQLite restarts the log by itself."""
+    size = wal_size(path)
+    if size <= limit:
+        return size
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except sqlite3.Error:
+        pass  # busy or failing: the writes themselves report real trouble; the next check tries again
+    return wal_size(path)
 
 
 def _fail(batch: list[_Pending], error: StoreUnavailable) -> None:
