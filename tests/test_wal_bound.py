@@ -5,7 +5,6 @@ written under the long reader."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
@@ -66,10 +65,8 @@ async def test_the_writer_bounds_the_wal_by_itself(tmp_path: Path) -> None:
         reader = await _grow_under_reader(store, path)
         with closing(reader):
             reader.execute("COMMIT")
-        # No write from here on: the idle writer's own periodic check must do it. Waits for a condition (not
-        # a timing assertion); the test's timeout is the failure.
-        while store.wal_size() > LIMIT:
-            await asyncio.sleep(0.05)
+        # No write from here on: the idle writer's own periodic check must do it.
+        assert await store.next_wal_check() <= LIMIT
         assert (await store.read_log("s1", after=1000, limit=10)).last_seq == 1002
     finally:
         await store.close()

@@ -43,7 +43,6 @@ from service.queue.sqlite_conn import (
 from service.queue.sqlite_writer import WAL_CHECK_S, Reader, Writer, wal_size
 from service.queue.store import READY_PROBE_S, Clock, CommitListener
 
-
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
 
 
@@ -126,6 +125,12 @@ class SqliteStore:
         """Bring the WAL back under ``wal_limit_bytes`` now if no reader holds it (the writer also does this by
         itself every ``wal_check_s``); the WAL's size in bytes after."""
         return await self._writer.bound_wal()
+
+    async def next_wal_check(self) -> int:
+        """Wait for the writer's next periodic WAL check; the WAL's size after it (tests)."""
+        self._writer.wal_checked.clear()
+        await self._writer.wal_checked.wait()
+        return self.wal_size()
 
     def wal_size(self) -> int:
         """The WAL file's size in bytes (0 when there is none)."""

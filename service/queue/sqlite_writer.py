@@ -29,7 +29,9 @@ from service.queue.sqlite_conn import BUSY_TIMEOUT_MS, translate
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]
 MAX_BATCH = 512  # bounds how long one transaction holds the write lock (and the latency of its first caller)
-WAL_CHECK_S = 10.0  # how often the writer checks the WAL's size (README "Storage": back under the bound in < 1 min)
+WAL_CHECK_S = (
+    10.0  # how often the writer checks the WAL's size (README "Storage": back under the bound in < 1 min)
+)
 
 
 @dataclass(slots=True)
@@ -96,6 +98,7 @@ class Writer(Thread):
         self.wal_limit_bytes = wal_limit_bytes
         self.wal_check_s = wal_check_s
         self._next_wal_check = time.monotonic() + wal_check_s
+        self.wal_checked = asyncio.Event()  # set after every periodic check (tests wait on it)
         # A plain list and an Event rather than an asyncio.Queue: the writer takes everything at once anyway,
         # and this is on the path of every write.
         self._pending: list[_Pending] = []
@@ -147,6 +150,7 @@ class Writer(Thread):
             return
         self._next_wal_check = time.monotonic() + self.wal_check_s
         await self.bound_wal()
+        self.wal_checked.set()
 
     async def bound_wal(self) -> int:
         """Checkpoint and truncate the WAL when it is over the limit (never waits for readers); its size after."""
