@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from service import keys, middleware
+from service import keys, middleware, retention
 from service.config import Config
 from service.hub import Hub
 from service.metrics import Metrics
@@ -58,6 +58,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         metrics=app[keys.METRICS],
     )
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(retention.sweeper_ctx)
     if start_workers:
         app.cleanup_ctx.append(_pool_ctx)
     app.on_shutdown.append(_close_sockets)

@@ -192,6 +192,17 @@ class MemoryStore:
             del self._sessions[session_id]
             return True
 
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        async with self._lock:
+            cutoff = self._clock() - timedelta(seconds=idle_s)
+            doomed = sorted(
+                (r for r in self._sessions.values() if r.updated_at < cutoff and not r.pending),
+                key=lambda r: (r.updated_at, r.session_id),
+            )[: max(0, limit)]
+            for row in doomed:
+                del self._sessions[row.session_id]
+            return [row.session_id for row in doomed]
+
     async def read_log(
         self,
         session_id: str,

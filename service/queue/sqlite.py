@@ -41,7 +41,7 @@ from service.queue.sqlite_conn import (
     read_pragmas,
 )
 from service.queue.sqlite_writer import WAL_CHECK_S, Reader, Writer, wal_size
-from service.queue.store import READY_PROBE_S, Clock, CommitListener
+from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
 
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
 
@@ -171,6 +171,10 @@ class SqliteStore:
     async def delete_session(self, owner: str, session_id: str) -> bool:
         rules.check_labels(session_id=session_id)
         return await self._writer.write(lambda c: ops.delete_session(c, owner, session_id))
+
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        cutoff = self.clock() - timedelta(seconds=idle_s)
+        return await self._writer.write(lambda c: ops.expire_sessions(c, cutoff, limit, EXPIRE_ENTRIES))
 
     async def read_log(
         self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = 100

@@ -96,6 +96,26 @@ def delete_session(db: Db, owner: str, session_id: str) -> bool:
     return cur.rowcount > 0
 
 
+EXPIRABLE = """SELECT session_id, last_seq FROM sessions s
+WHERE updated_at < ? AND status IN ('idle', 'failed')
+  AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.session_id = s.session_id AND i.status IN ('queued', 'running'))
+ORDER BY updated_at, session_id LIMIT ?"""
+
+
+def expire_sessions(db: Db, cutoff: datetime, limit: int, max_entries: int) -> list[str]:
+    """Delete up to ``limit`` idle sessions last written before ``cutoff``, stopping once about ``max_entries``
+    log entries are taken (at least one session), so one call never holds the writer long."""
+    ids: list[str] = []
+    entries = 0
+    for sid, last_seq in db.execute(EXPIRABLE, (stamp(cutoff), max(0, limit))).fetchall():
+        if ids and entries + int(last_seq) > max_entries:
+            break
+        ids.append(sid)
+        entries += int(last_seq)
+    db.executemany("DELETE FROM sessions WHERE session_id = ?", [(sid,) for sid in ids])
+    return ids
+
+
 def set_status(db: Db, session_id: str, status: SessionStatus, now: datetime) -> None:
     db.execute(
         "UPDATE sessions SET status = ?, updated_at = ? WHERE session_id = ?",

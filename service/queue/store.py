@@ -50,6 +50,7 @@ CommitListener = Callable[[str, int], Awaitable[None]]
 DEFAULT_PAGE = 100
 READY_PROBE_S = 1.0  # how long ping() waits for its probe write (readiness must answer fast)
 MAX_PAGE = 1000
+EXPIRE_ENTRIES = 20_000  # log entries one expire_sessions call deletes at most (beyond its first session)
 
 
 class Store(Protocol):
@@ -83,6 +84,15 @@ class Store(Protocol):
     async def delete_session(self, owner: str, session_id: str) -> bool:
         """Delete the session, its log, queue items, cursors and state. False when missing / not the owner.
         A run of it still going gets LeaseLost on its next write."""
+
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        """Retention: delete (as ``delete_session`` does) up to ``limit`` sessions, of any owner, with no new
+        log entry for ``idle_s`` seconds (``updated_at`` older than now - idle_s) and no queued or running
+        input; oldest first. Returns their ids. A backend may take fewer per call so one call stays short
+        (SQLite: about ``EXPIRE_ENTRIES`` log entries); callers repeat until it returns nothing. Safe with
+        several processes at once: each expired session is deleted, and reported, by exactly one call
+        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``). Readers of these sessions end as for a deleted one (this
+        process: the caller closes them in its hub; PostgreSQL rings the other instances)."""
 
     async def read_log(
         self,

@@ -179,6 +179,15 @@ class PostgresStore:
             self._ring([(q.LOG_CHANNEL, session_id, 0)])
         return bool(done["deleted"])
 
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        async with self.engine.conn() as conn:
+            rows = await conn.fetch(q.EXPIRE_SESSIONS, float(idle_s), max(0, limit), self.engine.offset())
+        ids = sorted(str(row[0]) for row in rows)
+        if ids:
+            # As for a delete: every instance's readers re-read, find the log gone, and end.
+            self._ring([(q.LOG_CHANNEL, sid, 0) for sid in ids])
+        return ids
+
     async def read_log(
         self,
         session_id: str,
