@@ -1133,3 +1133,31 @@ async def test_expire_sessions_works_in_batches(store: Store, clock: FakeClock) 
         batches.append(ids)
     assert sorted(sid for ids in batches for sid in ids) == [f"s{n}" for n in range(7)]
     assert await store.list_sessions(ALICE) == []
+
+
+async def test_read_frames_are_read_log_pre_serialised(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", 'tricky "text"\n\u0000 \u00e9 \U0001f600 \\', "m1")
+    claim = await claim_one(store)
+    await store.append(
+        claim,
+        [
+            NewEntry("TextMessage", "assistant", "plain", {"id": "msg-1", "models_usage": {"a": 1.5}}),
+            NewEntry("ToolCallRequestEvent", "assistant", [{"id": "c1", "arguments": "{}"}], {"id": 7}),
+            NewEntry("ThoughtEvent", "assistant", None, {}),
+        ],
+    )
+    await store.finish(claim, completed(), None)
+    whole = await store.read_log("s1", after=0, limit=100)
+    for after, limit in ((0, 100), (0, 2), (2, 2), (6, 5), (100, 5)):
+        page = await store.read_log("s1", after=after, limit=limit)
+        frames = await store.read_frames("s1", after=after, limit=limit)
+        assert frames.frames == [orjson.dumps(e.to_json()) for e in page.messages]
+        assert frames.seqs == [e.seq for e in page.messages]
+        assert (frames.last_seq, frames.has_more) == (page.last_seq, page.has_more)
+    frames = await store.read_frames("s1", after=0, limit=100)
+    assert frames.message_ids == [
+        e.metadata.get("id") if isinstance(e.metadata.get("id"), str) else None for e in whole.messages
+    ]
+    assert "msg-1" in frames.message_ids
+    gone = await store.read_frames("nope", after=0, limit=10)
+    assert (gone.frames, gone.last_seq, gone.has_more) == ([], 0, False)

@@ -32,6 +32,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    Frames,
     NewEntry,
     Page,
     PartialReason,
@@ -226,6 +227,9 @@ class MemoryStore:
                 chunk = log[start:end]
                 has_more = start > low
             return Page(session_id, [_copy_entry(e) for e in chunk], len(log), has_more)
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        return Frames.of(await self.read_log(session_id, after=after, limit=limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)

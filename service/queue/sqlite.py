@@ -23,6 +23,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    Frames,
     NewEntry,
     Page,
     Session,
@@ -181,6 +182,9 @@ class SqliteStore:
     ) -> Page:
         rules.check_labels(session_id=session_id)
         return await self._reader.read(lambda c: ops.read_log(c, session_id, after, before, limit))
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        return await self._reader.read(lambda c: ops.read_frames(c, session_id, after, limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)

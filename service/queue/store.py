@@ -41,7 +41,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
-from service.models import Answer, CancelRequest, Claim, Draft, Enqueued, Entry, NewEntry, Page, Session
+from service.models import (
+    Answer,
+    CancelRequest,
+    Claim,
+    Draft,
+    Enqueued,
+    Entry,
+    Frames,
+    NewEntry,
+    Page,
+    Session,
+)
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
@@ -108,6 +119,11 @@ class Store(Protocol):
         ``before=N``: the ``limit`` entries just below seq N; ``has_more`` when older entries exist.
         Neither: ``after=0``. ``last_seq`` is the session's last seq (0 for an unknown session, which reads empty).
         Not owner-checked: callers check with ``get_session`` first."""
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        """Replay's read: the same entries as ``read_log(after=after, limit=limit)``, pre-serialised
+        (``Frames``: each frame byte for byte ``orjson.dumps(entry.to_json())``), so streaming a page costs no
+        per-entry work on the event loop. Not owner-checked."""
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         """The stored cursor of (session, client), or None."""

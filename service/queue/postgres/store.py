@@ -33,6 +33,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    Frames,
     NewEntry,
     Page,
     PartialReason,
@@ -211,6 +212,9 @@ class PostgresStore:
                 has_more = len(rows) > limit
                 rows = rows[:limit]
         return Page(session_id, [q.entry_of(r) for r in rows], last_seq, has_more)
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        return Frames.of(await self.read_log(session_id, after=after, limit=limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)
