@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from service import keys, middleware, tracing
+from service import keys, middleware, retention, tracing
 from service.config import Config
 from service.hub import Hub
 from service.metrics import Metrics
@@ -35,6 +35,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         sqlite_synchronous=config.sqlite_synchronous,
         exclusive=True,
         max_interruptions=config.max_interruptions,
+        sqlite_wal_limit_mb=config.sqlite_wal_limit_mb,
     )
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)
@@ -58,6 +59,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         metrics=app[keys.METRICS],
     )
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(retention.sweeper_ctx)
     if start_workers:
         app.cleanup_ctx.append(_pool_ctx)
     app.on_shutdown.append(_close_sockets)

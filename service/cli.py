@@ -82,7 +82,9 @@ async def serve(config: Config) -> None:
     finally:
         await runner.cleanup()
         if provider is not None:
-            await asyncio.to_thread(provider.shutdown)  # exports the spans still buffered (bounded by OTLP timeouts)
+            await asyncio.to_thread(
+                provider.shutdown
+            )  # exports the spans still buffered (bounded by OTLP timeouts)
         log.info("stopped")
     await _leave_abandoned_runs()
 

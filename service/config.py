@@ -62,6 +62,12 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("FULL", "NORMAL"),
     ),
     Setting(
+        "sqlite_wal_limit_mb",
+        64,
+        "SQLite: size the write-ahead log is brought back under (checkpoint, then truncate) once no reader holds"
+        " it, checked every few seconds",
+    ),
+    Setting(
         "lease_s",
         30.0,
         "seconds a claimed input stays leased without a heartbeat before another worker may recover it",
@@ -103,6 +109,12 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_MAX_INTERRUPTIONS,
         "times the process may die while running one message before it ends with a final run_failed; 0: no cap",
     ),
+    Setting(
+        "session_ttl_days",
+        0.0,
+        "delete sessions without a new log entry for this many days (nothing queued or running); 0: keep forever",
+    ),
+    Setting("sweep_interval_s", 600.0, "seconds between retention sweeps (when session_ttl_days is set)"),
     Setting("max_body_bytes", 1_048_576, "largest HTTP request body (413 too_large beyond)"),
     Setting("max_frame_bytes", 262_144, "largest WebSocket frame (error frame too_large beyond)"),
     Setting("max_message_chars", 100_000, "longest user message content (too_large beyond)"),
@@ -128,6 +140,7 @@ class Config:
     workers: int = 4
     auth: str = "none"
     sqlite_synchronous: str = "FULL"
+    sqlite_wal_limit_mb: int = 64
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
     poll_interval_s: float = 1.0
@@ -139,6 +152,8 @@ class Config:
     stall_timeout_s: float = 900.0
     draft_interval_s: float = 0.25
     max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
+    session_ttl_days: float = 0.0
+    sweep_interval_s: float = 600.0
     max_body_bytes: int = 1_048_576
     max_frame_bytes: int = 262_144
     max_message_chars: int = 100_000
@@ -169,17 +184,18 @@ class Config:
             "max_queued_per_session",
             "max_page",
             "send_buffer",
+            "sqlite_wal_limit_mb",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535 (0: any free port), got {self.port}")
-        for name in ("lease_s", "heartbeat_s", "poll_interval_s"):
+        for name in ("lease_s", "heartbeat_s", "poll_interval_s", "sweep_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.stop_timeout_s <= 0:
             raise ConfigError("stop_timeout_s must be positive")
-        for name in ("stall_timeout_s", "max_interruptions", "draft_interval_s"):
+        for name in ("stall_timeout_s", "max_interruptions", "draft_interval_s", "session_ttl_days"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.heartbeat_s >= self.lease_s:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 # Lifecycle entry types written by the service itself (AutoGen's own types keep their names).
 RUN_STARTED = "run_started"
 RUN_COMPLETED = "run_completed"
@@ -191,6 +193,32 @@ class Page:
             "last_seq": self.last_seq,
             "has_more": self.has_more,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """A page of log entries pre-serialised for replay: ``frames[i]`` is ``orjson.dumps(entry.to_json())`` of
+    the entry with seq ``seqs[i]`` (byte for byte), ``message_ids[i]`` its ``metadata.id`` when a string."""
+
+    session_id: str
+    frames: list[bytes]
+    seqs: list[int]
+    message_ids: list[str | None]
+    last_seq: int
+    has_more: bool
+
+    @classmethod
+    def of(cls, page: Page) -> Frames:
+        """From a page of entries (the generic way; SQLite builds them from its rows without parsing)."""
+        ids = [e.metadata.get("id") for e in page.messages]
+        return cls(
+            page.session_id,
+            [orjson.dumps(e.to_json()) for e in page.messages],
+            [e.seq for e in page.messages],
+            [i if isinstance(i, str) else None for i in ids],
+            page.last_seq,
+            page.has_more,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ from aiohttp import web
 from service import keys, parse
 from service.errors import ServiceError
 from service.handlers import owned_session
-from service.models import Entry
-from service.stream import follow
+from service.models import Entry, Frames
+from service.stream import follow_pages
 
 log = logging.getLogger("service.sse")
 KEEPALIVE_S = 15.0
@@ -41,8 +41,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     assert this is not None  # a handler always runs in a task
     streams.add(this)
     try:
-        async for item in follow(request.app[keys.STORE], request.app[keys.HUB], session.session_id, after):
-            if isinstance(item, Entry):
+        store, hub = request.app[keys.STORE], request.app[keys.HUB]
+        async for item in follow_pages(store, hub, session.session_id, after):
+            if isinstance(item, Frames):  # a replayed page: one write
+                await response.write(
+                    b"".join(
+                        b"id: %d\ndata: %b\n\n" % (seq, frame)
+                        for seq, frame in zip(item.seqs, item.frames, strict=True)
+                    )
+                )
+            elif isinstance(item, Entry):
                 await response.write(
                     f"id: {item.seq}\ndata: ".encode() + orjson.dumps(item.to_json()) + b"\n\n"
                 )

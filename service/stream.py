@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 from service.hub import Hub, Item, Subscription
-from service.models import CHUNK, Draft, Entry, chunk_frame, utcnow
+from service.models import CHUNK, Draft, Entry, Frames, chunk_frame, utcnow
 from service.queue.store import Store
 
-REPLAY_PAGE = 500
+REPLAY_PAGE = 1000
 RECENT_MESSAGES = 32  # ids of durable messages sent lately: their drafts are not resumed
 
 
@@ -42,6 +43,32 @@ async def replay(store: Store, session_id: str, after: int) -> AsyncIterator[Ent
             return
 
 
+async def replay_frames(store: Store, session_id: str, after: int) -> AsyncIterator[Frames]:
+    """Every durable entry with seq > after as pre-serialised pages; the next page is read while this one is
+    sent (the store's reader works while the event loop writes to the socket)."""
+    upcoming = asyncio.ensure_future(store.read_frames(session_id, after=after, limit=REPLAY_PAGE))
+    try:
+        while True:
+            page = await upcoming
+            if page.last_seq < after:
+                raise SessionGone(session_id)
+            if page.seqs:
+                after = page.seqs[-1]
+            if page.has_more:
+                upcoming = asyncio.ensure_future(
+                    store.read_frames(session_id, after=after, limit=REPLAY_PAGE)
+                )
+            if page.seqs:
+                yield page
+            if not page.has_more:
+                return
+    finally:
+        if not upcoming.done():
+            upcoming.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await upcoming
+
+
 async def _next_live(sub: Subscription) -> Item | None:
     """The next buffered item, or None when the subscription lagged or was closed."""
     while True:
@@ -55,7 +82,17 @@ async def _next_live(sub: Subscription) -> Item | None:
 
 
 async def follow(store: Store, hub: Hub, session_id: str, after: int) -> AsyncIterator[Item]:
+    """``follow_pages`` with replayed entries one by one."""
+    async for item in follow_pages(store, hub, session_id, after, pages=False):
+        assert not isinstance(item, Frames)
+        yield item
+
+
+async def follow_pages(
+    store: Store, hub: Hub, session_id: str, after: int, *, pages: bool = True
+) -> AsyncIterator[Item | Frames]:
     """Durable entries with seq > after in order (then live), interleaved with live ephemeral frames.
+    ``pages``: replayed entries come as pre-serialised ``Frames`` pages (what the sockets send), not one by one.
 
     Ends when the session is deleted (here, or seen as a log shorter than the cursor after another process
     deleted it): a cursor into a deleted log means nothing, even if a session of that id is created again."""
@@ -67,10 +104,18 @@ async def follow(store: Store, hub: Hub, session_id: str, after: int) -> AsyncIt
             # before was committed first, so the store read below sees it.
             sub.reset()
             try:
-                async for entry in replay(store, session_id, last):
-                    text.committed(entry)
-                    yield entry
-                    last = entry.seq
+                if pages:
+                    async for page in replay_frames(store, session_id, last):
+                        for message_id in page.message_ids:
+                            if message_id is not None:
+                                text.committed_id(message_id)
+                        yield page
+                        last = page.seqs[-1]
+                else:
+                    async for entry in replay(store, session_id, last):
+                        text.committed(entry)
+                        yield entry
+                        last = entry.seq
             except SessionGone:
                 return
             resumed = text.resume(session_id, await _draft(store, hub, session_id))
@@ -109,8 +154,11 @@ class _StreamedText:
     def committed(self, entry: Entry) -> None:
         message_id = entry.metadata.get("id")
         if isinstance(message_id, str):
-            self._sent.pop(message_id, None)
-            self._done.append(message_id)
+            self.committed_id(message_id)
+
+    def committed_id(self, message_id: str) -> None:
+        self._sent.pop(message_id, None)
+        self._done.append(message_id)
 
     def resume(self, session_id: str, draft: Draft | None) -> dict[str, Any] | None:
         """A frame with the draft's text beyond what was sent, or None."""

@@ -13,8 +13,8 @@ from aiohttp import WSMsgType, web
 from service import actions, keys, parse
 from service.auth import current_user
 from service.errors import BadRequest, Conflict, NotFound, ServiceError, TooLarge
-from service.models import Entry, Session
-from service.stream import follow
+from service.models import Entry, Frames, Session
+from service.stream import follow_pages
 
 log = logging.getLogger("service.ws")
 SESSION_DELETED = 4404  # close code: the session was deleted (do not reconnect to it)
@@ -38,6 +38,13 @@ class Connection:
             # orjson's bytes are UTF-8 already: send them as a text frame without a decode/encode round trip.
             await self.ws.send_frame(orjson.dumps(frame), WSMsgType.TEXT)
 
+    async def send_frames(self, page: Frames) -> None:
+        """A replayed page: its pre-serialised frames back to back, under one hold of the lock."""
+        send = self.ws.send_frame
+        async with self._lock:
+            for frame in page.frames:
+                await send(frame, WSMsgType.TEXT)
+
     async def error(self, exc: ServiceError, client_msg_id: Any = None) -> None:
         if exc.status >= 500:
             log.warning("websocket of %s: %s", self.session.session_id, exc.message)
@@ -49,11 +56,14 @@ class Connection:
     async def pump(self, after: int) -> None:
         """Replay then live, until the socket closes. A store failure closes the socket (the client resumes)."""
         try:
-            async for item in follow(
-                self.app[keys.STORE], self.app[keys.HUB], self.session.session_id, after
+            async for item in follow_pages(
+                self.app[keys.STORE], self.app[keys.HUB], self.session.session_id, after, pages=True
             ):
-                await self.send(item.to_json() if isinstance(item, Entry) else item)
-            # follow() ends only when the session was deleted.
+                if isinstance(item, Frames):
+                    await self.send_frames(item)
+                else:
+                    await self.send(item.to_json() if isinstance(item, Entry) else item)
+            # follow_pages() ends only when the session was deleted.
             await self.ws.close(code=SESSION_DELETED, message=b"session deleted")
         except ServiceError as exc:
             log.warning("closing a websocket of %s: %s", self.session.session_id, exc.message)

@@ -321,3 +321,24 @@ async def test_nul_characters_and_key_order_survive(pg_url: str, clock: FakeCloc
         with pytest.raises(BadRequest):
             await store.create_session(OWNER, "s2", "default", "bad\x00title")
         assert await store.get_session(OWNER, "s2") is None
+
+
+async def test_two_instances_sweeping_at_once_delete_each_expired_session_once(
+    pg_url: str, clock: FakeClock
+) -> None:
+    async with instances(pg_url, clock) as (a, b):
+        expired = [f"s{n:02d}" for n in range(40)]
+        for sid in expired:
+            await a.create_session(OWNER, sid, "default", None)
+        clock.advance(2 * 86400)
+        await a.create_session(OWNER, "fresh", "default", None)
+
+        async def sweep(store: PostgresStore) -> list[str]:
+            deleted: list[str] = []
+            while ids := await store.expire_sessions(86400.0, 3):
+                deleted += ids
+            return deleted
+
+        by_a, by_b = await asyncio.gather(sweep(a), sweep(b))
+        assert sorted(by_a + by_b) == expired  # every expired session once: none twice, none missed
+        assert [s.session_id for s in await b.list_sessions(OWNER)] == ["fresh"]

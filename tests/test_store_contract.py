@@ -1123,3 +1123,75 @@ def test_driver_errors_translate_to_the_same_service_errors() -> None:
     assert isinstance(pg_translate(asyncpg.UntranslatableCharacterError("\\u0000")), BadRequest)
     assert isinstance(pg_translate(ConnectionResetError("gone")), StoreUnavailable)
     assert isinstance(sqlite_translate(sqlite3.OperationalError("disk I/O error"), "x.db"), StoreUnavailable)
+
+
+# --- retention --------------------------------------------------------------------------------------------
+DAY_S = 86400.0
+
+
+async def test_expire_sessions_deletes_idle_sessions_only(store: Store, clock: FakeClock) -> None:
+    await store.enqueue(ALICE, "old", "one", "m1")
+    await store.finish(await claim_one(store), completed(), {"memory": ["one"]})
+    await store.set_cursor("old", "phone", 3)
+    await store.create_session(BOB, "old-empty", "default", None)
+    await store.enqueue(ALICE, "old-queued", "waiting", None)  # never claimed: its input waits
+    await store.enqueue(ALICE, "old-running", "busy", None)
+    clock.advance(10 * DAY_S)
+    await store.enqueue(ALICE, "recent", "hello", None)
+    # old-queued's input is taken now: old-running's stays queued behind nothing else but is never claimed.
+    running = await claim_one(store)
+    assert running.session_id == "old-queued"
+
+    assert sorted(await store.expire_sessions(30 * DAY_S, 100)) == []  # nothing is 30 days idle
+    assert sorted(await store.expire_sessions(5 * DAY_S, 100)) == ["old", "old-empty"]
+    assert await store.expire_sessions(5 * DAY_S, 100) == []  # each is deleted once
+
+    assert await store.get_session(ALICE, "old") is None
+    assert await store.get_session(BOB, "old-empty") is None
+    page = await store.read_log("old")
+    assert (page.messages, page.last_seq) == ([], 0)
+    assert await store.get_cursor("old", "phone") is None
+    assert await store.load_team_state("old") is None
+    kept = {s.session_id for s in await store.list_sessions(ALICE)}
+    assert kept == {"old-queued", "old-running", "recent"}  # a running or queued input keeps its session
+    await store.append(running, [said("still here")])  # its run goes on
+
+
+async def test_expire_sessions_works_in_batches(store: Store, clock: FakeClock) -> None:
+    for n in range(7):
+        await store.create_session(ALICE, f"s{n}", "default", None)
+    clock.advance(2 * DAY_S)
+    batches = []
+    while ids := await store.expire_sessions(DAY_S, 3):
+        assert len(ids) <= 3
+        batches.append(ids)
+    assert sorted(sid for ids in batches for sid in ids) == [f"s{n}" for n in range(7)]
+    assert await store.list_sessions(ALICE) == []
+
+
+async def test_read_frames_are_read_log_pre_serialised(store: Store) -> None:
+    await store.enqueue(ALICE, "s1", 'tricky "text"\n\u0000 \u00e9 \U0001f600 \\', "m1")
+    claim = await claim_one(store)
+    await store.append(
+        claim,
+        [
+            NewEntry("TextMessage", "assistant", "plain", {"id": "msg-1", "models_usage": {"a": 1.5}}),
+            NewEntry("ToolCallRequestEvent", "assistant", [{"id": "c1", "arguments": "{}"}], {"id": 7}),
+            NewEntry("ThoughtEvent", "assistant", None, {}),
+        ],
+    )
+    await store.finish(claim, completed(), None)
+    whole = await store.read_log("s1", after=0, limit=100)
+    for after, limit in ((0, 100), (0, 2), (2, 2), (6, 5), (100, 5)):
+        page = await store.read_log("s1", after=after, limit=limit)
+        frames = await store.read_frames("s1", after=after, limit=limit)
+        assert frames.frames == [orjson.dumps(e.to_json()) for e in page.messages]
+        assert frames.seqs == [e.seq for e in page.messages]
+        assert (frames.last_seq, frames.has_more) == (page.last_seq, page.has_more)
+    frames = await store.read_frames("s1", after=0, limit=100)
+    assert frames.message_ids == [
+        e.metadata.get("id") if isinstance(e.metadata.get("id"), str) else None for e in whole.messages
+    ]
+    assert "msg-1" in frames.message_ids
+    gone = await store.read_frames("nope", after=0, limit=10)
+    assert (gone.frames, gone.last_seq, gone.has_more) == ([], 0, False)

@@ -28,6 +28,7 @@ def open_store(
     sqlite_synchronous: str = "FULL",
     exclusive: bool = False,
     max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+    sqlite_wal_limit_mb: int = 64,
     db_clock_offset: Callable[[], float] | None = None,
 ) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
@@ -62,6 +63,7 @@ def open_store(
         clock=clock,
         exclusive=exclusive,
         max_interruptions=max_interruptions,
+        wal_limit_bytes=sqlite_wal_limit_mb * 1024 * 1024,
     )
 
 

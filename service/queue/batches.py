@@ -39,15 +39,29 @@ class Batches(Generic[C]):
         self.closing = True
         self._wake.set()
 
-    async def serve(self, run: Callable[[list[C]], Awaitable[None]]) -> None:
+    async def serve(
+        self,
+        run: Callable[[list[C]], Awaitable[None]],
+        *,
+        every_s: float | None = None,
+        tick: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run batches until closed. ``tick`` (housekeeping between transactions) runs after every batch and,
+        with ``every_s``, also when nothing was written for that long."""
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await self._wake.wait()
             self._wake.clear()
             while self.pending:
                 batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
                 await run(batch)
+                if tick is not None:
+                    await tick()
             if self.closing:
                 return
+            if tick is not None:
+                await tick()
 
 
 def fail(batch: Iterable[_HasFuture], error: StoreUnavailable) -> None:

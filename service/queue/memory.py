@@ -32,6 +32,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    Frames,
     MultitaskStrategy,
     NewEntry,
     Page,
@@ -204,6 +205,17 @@ class MemoryStore:
             del self._sessions[session_id]
             return True
 
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        async with self._lock:
+            cutoff = self._clock() - timedelta(seconds=idle_s)
+            doomed = sorted(
+                (r for r in self._sessions.values() if r.updated_at < cutoff and not r.pending),
+                key=lambda r: (r.updated_at, r.session_id),
+            )[: max(0, limit)]
+            for row in doomed:
+                del self._sessions[row.session_id]
+            return [row.session_id for row in doomed]
+
     async def read_log(
         self,
         session_id: str,
@@ -227,6 +239,9 @@ class MemoryStore:
                 chunk = log[start:end]
                 has_more = start > low
             return Page(session_id, [_copy_entry(e) for e in chunk], len(log), has_more)
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        return Frames.of(await self.read_log(session_id, after=after, limit=limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)

@@ -23,6 +23,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    Frames,
     MultitaskStrategy,
     NewEntry,
     Page,
@@ -41,8 +42,10 @@ from service.queue.sqlite_conn import (
     probe_write_in_transaction,
     read_pragmas,
 )
-from service.queue.sqlite_writer import Reader, Writer
-from service.queue.store import READY_PROBE_S, Clock, CommitListener
+from service.queue.sqlite_writer import WAL_CHECK_S, Reader, Writer, wal_size
+from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
+
+DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
 
 
 class SqliteStore:
@@ -56,8 +59,13 @@ class SqliteStore:
         clock: Clock = utcnow,
         exclusive: bool = False,
         max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+        wal_limit_bytes: int = DEFAULT_WAL_LIMIT,
+        wal_check_s: float = WAL_CHECK_S,
     ) -> None:
-        """``exclusive``: this process is the file's only service (the server sets it). It takes an OS lock on
+        """``wal_limit_bytes``: the WAL is brought back under this size (checked every ``wal_check_s``) once no
+        reader holds it (README "Storage and durability").
+
+        ``exclusive``: this process is the file's only service (the server sets it). It takes an OS lock on
         ``<path>.lock`` and, since no other process can then hold a lease, re-queues every input left running by
         a dead predecessor at once, instead of after its lease expires."""
         self.path = path
@@ -66,7 +74,8 @@ class SqliteStore:
         self.synchronous = check_synchronous(synchronous)
         self.clock = clock
         self.max_interruptions = max_interruptions
-        self._writer = Writer("sqlite-writer", path)
+        self.wal_limit_bytes = wal_limit_bytes
+        self._writer = Writer("sqlite-writer", path, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s)
         self._reader = Reader("sqlite-reader", path)
         # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
         # a commit that lands after a claim found nothing is never missed by the next wait_for_work.
@@ -83,7 +92,9 @@ class SqliteStore:
             self._lock = FileLock.take(self.path + ".lock")
         try:
             writer = await self._writer.open(
-                lambda: connect(self.path, synchronous=self.synchronous, writer=True)
+                lambda: connect(
+                    self.path, synchronous=self.synchronous, writer=True, wal_limit_bytes=self.wal_limit_bytes
+                )
             )
             await self._writer.call(prepare, writer, self.path)
             await self._reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
@@ -111,6 +122,21 @@ class SqliteStore:
         await self._writer.close()
         await self._reader.close()
         self._release_lock()
+
+    async def bound_wal(self) -> int:
+        """Bring the WAL back under ``wal_limit_bytes`` now if no reader holds it (the writer also does this by
+        itself every ``wal_check_s``); the WAL's size in bytes after."""
+        return await self._writer.bound_wal()
+
+    async def next_wal_check(self) -> int:
+        """Wait for the writer's next periodic WAL check; the WAL's size after it (tests)."""
+        self._writer.wal_checked.clear()
+        await self._writer.wal_checked.wait()
+        return self.wal_size()
+
+    def wal_size(self) -> int:
+        """The WAL file's size in bytes (0 when there is none)."""
+        return wal_size(self.path)
 
     async def pragmas(self) -> dict[str, Any]:
         """The write connection's settings as SQLite reports them (diagnostics; tests check they are honoured)."""
@@ -156,11 +182,18 @@ class SqliteStore:
         rules.check_labels(session_id=session_id)
         return await self._writer.write(lambda c: ops.delete_session(c, owner, session_id))
 
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        cutoff = self.clock() - timedelta(seconds=idle_s)
+        return await self._writer.write(lambda c: ops.expire_sessions(c, cutoff, limit, EXPIRE_ENTRIES))
+
     async def read_log(
         self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = 100
     ) -> Page:
         rules.check_labels(session_id=session_id)
         return await self._reader.read(lambda c: ops.read_log(c, session_id, after, before, limit))
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        return await self._reader.read(lambda c: ops.read_frames(c, session_id, after, limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)

@@ -37,7 +37,9 @@ def check_synchronous(value: str) -> str:
     return mode
 
 
-def connect(path: str, *, synchronous: str, writer: bool) -> sqlite3.Connection:
+def connect(
+    path: str, *, synchronous: str, writer: bool, wal_limit_bytes: int | None = None
+) -> sqlite3.Connection:
     """A connection with the store's pragmas. ``path`` may be a ``file:`` URI (e.g. ``?mode=ro``)."""
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         raise StoreUnavailable(f"SQLite {sqlite3.sqlite_version} is too old: the store needs 3.24 or newer")
@@ -58,6 +60,9 @@ def connect(path: str, *, synchronous: str, writer: bool) -> sqlite3.Connection:
             raise StoreUnavailable(f"{path}: could not switch to WAL journal mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
+        if wal_limit_bytes is not None:
+            # Whenever SQLite restarts the log from its beginning, it truncates the file to this size.
+            conn.execute(f"PRAGMA journal_size_limit = {int(wal_limit_bytes)}")
         if not writer:
             conn.execute("PRAGMA query_only = ON")  # the read connection must never write by accident
     except sqlite3.Error as exc:

@@ -18,7 +18,9 @@ import orjson
 
 from service.errors import Conflict
 from service.models import (
+    LIFECYCLE_TYPES,
     Entry,
+    Frames,
     NewEntry,
     Page,
     Session,
@@ -110,6 +112,26 @@ def delete_session(db: Db, owner: str, session_id: str) -> bool:
     return cur.rowcount > 0
 
 
+EXPIRABLE = """SELECT session_id, last_seq FROM sessions s
+WHERE updated_at < ? AND status IN ('idle', 'failed')
+  AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.session_id = s.session_id AND i.status IN ('queued', 'running'))
+ORDER BY updated_at, session_id LIMIT ?"""
+
+
+def expire_sessions(db: Db, cutoff: datetime, limit: int, max_entries: int) -> list[str]:
+    """Delete up to ``limit`` idle sessions last written before ``cutoff``, stopping once about ``max_entries``
+    log entries are taken (at least one session), so one call never holds the writer long."""
+    ids: list[str] = []
+    entries = 0
+    for sid, last_seq in db.execute(EXPIRABLE, (stamp(cutoff), max(0, limit))).fetchall():
+        if ids and entries + int(last_seq) > max_entries:
+            break
+        ids.append(sid)
+        entries += int(last_seq)
+    db.executemany("DELETE FROM sessions WHERE session_id = ?", [(sid,) for sid in ids])
+    return ids
+
+
 def set_status(db: Db, session_id: str, status: SessionStatus, now: datetime) -> None:
     db.execute(
         "UPDATE sessions SET status = ?, updated_at = ? WHERE session_id = ?",
@@ -167,6 +189,45 @@ def read_log(db: Db, session_id: str, after: int | None, before: int | None, lim
     rows = db.execute(sql, (session_id, low, before, limit + 1)).fetchall()
     page = [to_entry(r) for r in reversed(rows[:limit])]
     return Page(session_id, page, last_seq, len(rows) > limit)
+
+
+_FRAME = (
+    b'{"seq":%d,"session_id":%b,"type":%b,"source":%b,"content":%b,"created_at":"%bZ","run_id":%b,'
+    b'"client_msg_id":%b,"metadata":%b}'
+)
+
+
+def read_frames(db: Db, session_id: str, after: int, limit: int) -> Frames:
+    """``read_log(after=...)`` pre-serialised without parsing: content and metadata are stored as orjson's JSON
+    text, so they are spliced in as they are; created_at's stored stamp (``...T10:00:00.123456+00:00``) cut
+    to the API's milliseconds. Lifecycle entries (details also at the top level) take the generic way."""
+    row = db.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+    last_seq = 0 if row is None else int(row[0])
+    low, limit = max(0, after), max(0, limit)
+    sql = f"""SELECT {ENTRY_COLS}, json_extract(metadata, '$.id') FROM entries
+    WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"""
+    rows = db.execute(sql, (session_id, low, limit + 1)).fetchall()
+    has_more = len(rows) > limit
+    sid = orjson.dumps(session_id)
+    dumps = orjson.dumps
+    frames: list[bytes] = []
+    seqs: list[int] = []
+    ids: list[str | None] = []
+    for r in rows[:limit]:
+        seq, _, type_, source, content, created, run_id, client_msg_id, metadata, message_id = r
+        if type_ in LIFECYCLE_TYPES:
+            frames.append(dumps(to_entry(r[:9]).to_json()))
+        else:
+            frames.append(
+                _FRAME
+                % (
+                    seq, sid, dumps(type_), dumps(source), content.encode(), created[:23].encode(),
+                    dumps(run_id), dumps(client_msg_id), metadata.encode(),
+                )
+            )  # fmt: skip
+        seqs.append(seq)
+        ids.append(message_id if isinstance(message_id, str) else None)
+    return Frames(session_id, frames, seqs, ids, last_seq, has_more)
 
 
 def get_cursor(db: Db, session_id: str, client_id: str) -> int | None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,11 +25,14 @@ from typing import Any, TypeVar
 
 from service.errors import ServiceError, StoreUnavailable
 from service.queue.batches import Batches, fail
-from service.queue.sqlite_conn import translate
+from service.queue.sqlite_conn import BUSY_TIMEOUT_MS, translate
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]
 MAX_BATCH = 512  # bounds how long one transaction holds the write lock (and the latency of its first caller)
+WAL_CHECK_S = (
+    10.0  # how often the writer checks the WAL's size (README "Storage": back under the bound in < 1 min)
+)
 
 
 @dataclass(slots=True)
@@ -85,16 +90,25 @@ def _read(conn: sqlite3.Connection, job: Callable[[sqlite3.Cursor], T], path: st
 
 
 class Writer(Thread):
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(
+        self, name: str, path: str, *, wal_limit_bytes: int | None = None, wal_check_s: float = WAL_CHECK_S
+    ) -> None:
+        """``wal_limit_bytes``: every ``wal_check_s`` (idle or busy) a WAL larger than this is checkpointed and
+        truncated, unless a reader still holds it (then the next check tries again). None: never."""
         super().__init__(name, path)
         self._batches: Batches[_Pending] = Batches(MAX_BATCH)
+        self.wal_limit_bytes = wal_limit_bytes
+        self.wal_check_s = wal_check_s
+        self._next_wal_check = time.monotonic() + wal_check_s
+        self.wal_checked = asyncio.Event()  # set after every periodic check (tests wait on it)
         self._task: asyncio.Task[None] | None = None
         self.commits = 0  # transactions committed: group commit makes this much smaller than the jobs run
         self.jobs = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
-            self._batches.serve(self._run), name="sqlite-writer"
+            self._batches.serve(self._run, every_s=self._wal_every_s(), tick=self._maybe_bound_wal),
+            name="sqlite-writer",
         )
 
     async def write(self, job: Callable[[sqlite3.Cursor], T]) -> T:
@@ -113,6 +127,24 @@ class Writer(Thread):
         if self._task is not None:
             await self._task
         await super().close()
+
+    def _wal_every_s(self) -> float | None:
+        """The writer wakes up by itself this often so the WAL is bounded on an idle service too."""
+        return self.wal_check_s if self.wal_limit_bytes is not None else None
+
+    async def _maybe_bound_wal(self) -> None:
+        if self.wal_limit_bytes is None or time.monotonic() < self._next_wal_check:
+            return
+        self._next_wal_check = time.monotonic() + self.wal_check_s
+        await self.bound_wal()
+        self.wal_checked.set()
+
+    async def bound_wal(self) -> int:
+        """Checkpoint and truncate the WAL when it is over the limit (never waits for readers); its size after."""
+        conn = self.conn
+        if conn is None or self.wal_limit_bytes is None:
+            return 0
+        return await self.call(_bound_wal, conn, self.path, self.wal_limit_bytes)
 
     async def _run(self, batch: list[_Pending]) -> None:
         conn = self.conn
@@ -138,6 +170,34 @@ class Writer(Thread):
                 pending.future.set_result(outcome.value)
             else:
                 pending.future.set_exception(outcome.value)
+
+
+def wal_size(path: str) -> int:
+    try:
+        return os.path.getsize(path + "-wal")
+    except OSError:
+        return 0
+
+
+def _bound_wal(conn: sqlite3.Connection, path: str, limit: int) -> int:
+    """Runs on the writer thread, between transactions. A WAL grows without bound while a reader holds an old
+    snapshot (a backup, a long query): SQLite's automatic checkpoints can copy nothing that reader may still
+    read, and even once they catch up the file keeps its size. When it is over ``limit``: a TRUNCATE checkpoint
+    with no busy wait (a reader still there makes it give up at once, and the next check tries again), which
+    copies every frame back into the database and empties the file. ``journal_size_limit`` (set at connect)
+    also trims it whenever SQLite restarts the log by itself."""
+    size = wal_size(path)
+    if size <= limit:
+        return size
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except sqlite3.Error:
+        pass  # busy or failing: the writes themselves report real trouble; the next check tries again
+    return wal_size(path)
 
 
 def _commit_batch(conn: sqlite3.Connection, jobs: list[Job], path: str) -> tuple[list[_Outcome], bool]:

@@ -41,7 +41,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
-from service.models import Answer, CancelRequest, Claim, Draft, Enqueued, Entry, NewEntry, Page, Session
+from service.models import (
+    Answer,
+    CancelRequest,
+    Claim,
+    Draft,
+    Enqueued,
+    Entry,
+    Frames,
+    NewEntry,
+    Page,
+    Session,
+)
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
@@ -50,6 +61,7 @@ CommitListener = Callable[[str, int], Awaitable[None]]
 DEFAULT_PAGE = 100
 READY_PROBE_S = 1.0  # how long ping() waits for its probe write (readiness must answer fast)
 MAX_PAGE = 1000
+EXPIRE_ENTRIES = 20_000  # log entries one expire_sessions call deletes at most (beyond its first session)
 
 
 class Store(Protocol):
@@ -91,6 +103,15 @@ class Store(Protocol):
         """Delete the session, its log, queue items, cursors and state. False when missing / not the owner.
         A run of it still going gets LeaseLost on its next write."""
 
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        """Retention: delete (as ``delete_session`` does) up to ``limit`` sessions, of any owner, with no new
+        log entry for ``idle_s`` seconds (``updated_at`` older than now - idle_s) and no queued or running
+        input; oldest first. Returns their ids. A backend may take fewer per call so one call stays short
+        (SQLite: about ``EXPIRE_ENTRIES`` log entries); callers repeat until it returns nothing. Safe with
+        several processes at once: each expired session is deleted, and reported, by exactly one call
+        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``). Readers of these sessions end as for a deleted one (this
+        process: the caller closes them in its hub; PostgreSQL rings the other instances)."""
+
     async def read_log(
         self,
         session_id: str,
@@ -105,6 +126,11 @@ class Store(Protocol):
         ``before=N``: the ``limit`` entries just below seq N; ``has_more`` when older entries exist.
         Neither: ``after=0``. ``last_seq`` is the session's last seq (0 for an unknown session, which reads empty).
         Not owner-checked: callers check with ``get_session`` first."""
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        """Replay's read: the same entries as ``read_log(after=after, limit=limit)``, pre-serialised
+        (``Frames``: each frame byte for byte ``orjson.dumps(entry.to_json())``), so streaming a page costs no
+        per-entry work on the event loop. Not owner-checked."""
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         """The stored cursor of (session, client), or None."""

@@ -29,6 +29,17 @@ SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, up
 ENTRY_COLS = "session_id, seq, type, source, content, run_id, client_msg_id, metadata, created_at"
 
 GET_SESSION = f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = $1 AND owner = $2"
+# Retention, outside the writer (its own transaction on a pool connection, so a sweep never delays acks): the
+# expired rows are locked SKIP LOCKED, so instances sweeping at once each delete different sessions, once.
+# $1 idle seconds, $2 limit, $3 clock offset (tests).
+EXPIRE_SESSIONS = """WITH doomed AS (
+  SELECT session_id FROM sessions s
+  WHERE updated_at < now() + $3 * interval '1 second' - $1 * interval '1 second'
+    AND status IN ('idle', 'failed')
+    AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.session_id = s.session_id AND i.status IN ('queued', 'running'))
+  ORDER BY updated_at, session_id LIMIT $2
+  FOR UPDATE SKIP LOCKED)
+DELETE FROM sessions s USING doomed d WHERE s.session_id = d.session_id RETURNING s.session_id"""
 LIST_SESSIONS = f"SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY updated_at DESC, session_id"
 LOAD_STATE = "SELECT team_state FROM sessions WHERE session_id = $1"
 LAST_SEQ = "SELECT last_seq FROM sessions WHERE session_id = $1"

@@ -33,6 +33,7 @@ from service.models import (
     Draft,
     Enqueued,
     Entry,
+    Frames,
     MultitaskStrategy,
     NewEntry,
     Page,
@@ -186,6 +187,15 @@ class PostgresStore:
             self._ring([(q.LOG_CHANNEL, session_id, 0)])
         return bool(done["deleted"])
 
+    async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
+        async with self.engine.conn() as conn:
+            rows = await conn.fetch(q.EXPIRE_SESSIONS, float(idle_s), max(0, limit), self.engine.offset())
+        ids = sorted(str(row[0]) for row in rows)
+        if ids:
+            # As for a delete: every instance's readers re-read, find the log gone, and end.
+            self._ring([(q.LOG_CHANNEL, sid, 0) for sid in ids])
+        return ids
+
     async def read_log(
         self,
         session_id: str,
@@ -209,6 +219,9 @@ class PostgresStore:
                 has_more = len(rows) > limit
                 rows = rows[:limit]
         return Page(session_id, [q.entry_of(r) for r in rows], last_seq, has_more)
+
+    async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
+        return Frames.of(await self.read_log(session_id, after=after, limit=limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)
