@@ -13,6 +13,7 @@ from service.queue import Store, open_store
 from tests.pg import pg_database
 
 BACKENDS = ["memory", "sqlite", "postgresql"]
+KINDS = ("unit", "integration", "browser")
 # The URL the `store` fixture opened, so a test can reopen the same database (tests/test_store_contract.py).
 STORE_URL = pytest.StashKey[str]()
 
@@ -78,3 +79,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     """A fresh database URL of each backend, for service-level tests (real clock)."""
     with backend_url(request.param, tmp_path) as url:
         yield url
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets exactly one kind (README "Tests"), decided here and only here: ``browser`` (real
+    Chromium), ``integration`` (a real PostgreSQL server or real server subprocesses), else ``unit`` (in
+    process, on memory or SQLite files). ``pytest -m unit`` runs the fast ones."""
+    for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
+        if "browser" in marks:
+            kind = "browser"
+        elif (
+            marks & {"postgres", "slow"}
+            or "postgresql" in item.name
+            or "pg_url" in getattr(item, "fixturenames", ())
+        ):
+            kind = "integration"
+        else:
+            kind = "unit"
+        item.add_marker(getattr(pytest.mark, kind))

@@ -16,6 +16,8 @@ import pytest
 from service.models import RUN_INTERRUPTED, utcnow
 from service.queue.sqlite import SqliteStore
 
+pytestmark = pytest.mark.slow  # real child processes killed with SIGKILL
+
 ROOT = Path(__file__).resolve().parents[1]
 WANTED_ACKS = 50
 Ack = tuple[str, int, str]  # session_id, seq, client_msg_id
