@@ -455,3 +455,26 @@ async def test_the_conversation_goes_on_after_an_emoji_split_across_deltas(opena
     _, _, log = await converse(openai_client, ["[[split]] smile please", "[[lone]] and again"])
     assert [e["type"] for e in log if e["source"] == "system"] == ["run_started", "run_completed"] * 2
     assert [e["content"] for e in assistant_texts(log)] == [SPLIT_TEXT, LONE_TEXT]
+
+
+# --- draft_interval_s: the streamed text is saved as a draft, or not at all with 0 -----------------------------
+@pytest.mark.parametrize("interval_s", [0.1, 0.0])
+async def test_draft_interval_decides_whether_the_text_so_far_is_saved(
+    tmp_path: Path, aiohttp_client: MakeClient, interval_s: float
+) -> None:
+    """README "Streaming": a draft at most every draft_interval_s; 0 saves none (what a SIGKILL then leaves is
+    only the run_interrupted, no partial entry)."""
+    client = await aiohttp_client(
+        create_app(make_config(f"sqlite:///{tmp_path / 'd.db'}", draft_interval_s=interval_s))
+    )
+    reader = await ws_reader(client, "session_id=dr")
+    try:
+        await reader.ws.send_json({"type": "TextMessage", "content": LONG, "client_msg_id": "m1"})
+        await reader.wait(at_least_chunks(MID_ANSWER_CHUNKS))  # ~0.03 s a chunk: well past one interval
+        assert client.app is not None
+        draft = await client.app[keys.STORE].read_draft("dr")
+        assert (draft is not None) is (interval_s > 0)
+        await client.post("/sessions/dr/cancel")
+        await reader.wait(count("run_cancelled"))
+    finally:
+        await reader.close()

@@ -87,7 +87,15 @@ class WorkerPool:
         self.stats = PoolStats()
         self.failed: BaseException | None = None
         self._deps = RunDeps(
-            store, hub, teams, retry, clock, poll_interval_s, stop_timeout_s, stall_timeout_s
+            store,
+            hub,
+            teams,
+            retry,
+            clock,
+            poll_interval_s,
+            stop_timeout_s=stop_timeout_s,
+            stall_timeout_s=stall_timeout_s,
+            draft_interval_s=draft_interval_s,
         )
         self._poll_interval_s = poll_interval_s
         # By run id: a fenced run of a session may still be winding down while its retry already runs.
