@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import WSCloseCode, web
 
@@ -20,6 +21,7 @@ from service.worker.pool import WorkerPool
 from service.worker.teams import TeamRegistry
 
 CLOSE_TIMEOUT_S = 5.0
+TOOL_THREADS = 64  # threads for synchronous tools (the default executor), see _pool_ctx
 
 
 def create_app(config: Config, *, store: Store | None = None, start_workers: bool = True) -> web.Application:
@@ -81,6 +83,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    # AutoGen runs synchronous tools in the default executor. A cancelled run's sync tool keeps its thread until
+    # it returns (nothing can stop a thread): give the executor room, so such tools cannot starve other runs.
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=TOOL_THREADS, thread_name_prefix="tool"))
     pool = app[keys.POOL]
     await pool.start()
     yield

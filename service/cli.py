@@ -93,11 +93,13 @@ async def _leave_abandoned_runs() -> None:
     """Runs AutoGen did not end when asked were abandoned (README "Guarantees"); their outcome is already in
     the store. ``asyncio.run`` would wait for them (and for their tool threads) forever on the way out: give
     them a moment, then exit without them."""
-    from service.worker.runner import ABANDONED
+    from service.worker import runner
 
-    if ABANDONED:
-        await asyncio.wait(set(ABANDONED), timeout=1.0)
-    if ABANDONED:
-        log.warning("exiting with %d abandoned run(s) still inside their tools", len(ABANDONED))
+    if runner.ABANDONED:
+        await asyncio.wait(set(runner.ABANDONED), timeout=1.0)
+    if runner.abandoned_total:
+        # Even when their tasks ended, a synchronous tool of an abandoned team may still run in a thread, which
+        # asyncio.run would wait for on the way out (it joins the default executor).
+        log.warning("exiting without waiting for the tools of %d abandoned run(s)", runner.abandoned_total)
         logging.shutdown()
         os._exit(0)

@@ -43,6 +43,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from service.text import repair_json
+
 __all__ = [
     "ChatClient",
     "ChatClientError",
@@ -264,7 +266,8 @@ class ChatClient:
         """One HTTP request: the decoded JSON body of an ``ok`` answer (None when empty); ChatError for an
         error answer, ChatConnectionError when there is no answer."""
         headers = {"Content-Type": "application/json"} if body is not None else None
-        data = orjson.dumps(body) if body is not None else None
+        # Text with a lone UTF-16 surrogate (broken input) is sent repaired (U+FFFD), as the server would store it.
+        data = orjson.dumps(repair_json(body)) if body is not None else None
         try:
             async with self._http().request(
                 method, self.base_url + path, data=data, params=params, headers=headers

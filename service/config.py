@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -193,6 +194,10 @@ class Config:
         for name in ("lease_s", "heartbeat_s", "poll_interval_s", "sweep_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        for setting in SETTINGS:
+            value = getattr(self, setting.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{setting.name} must be a finite number, got {value}")
         if self.stop_timeout_s <= 0:
             raise ConfigError("stop_timeout_s must be positive")
         for name in ("stall_timeout_s", "max_interruptions", "draft_interval_s", "session_ttl_days"):

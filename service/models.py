@@ -335,15 +335,30 @@ def interrupted(input_seq: int, attempt: int) -> NewEntry:
 
 
 def interruption(
-    input_seq: int, attempt: int, interruptions: int, max_interruptions: int
-) -> tuple[NewEntry, bool]:
-    """What lease recovery writes for a run that died with its process (``interruptions``: earlier deaths of
-    this input). The rule, decided here for every backend: below ``max_interruptions`` deaths the input is queued
-    again (``run_interrupted``); at the cap it ends with a final ``run_failed`` (True: the input is done), so a
-    message that kills the process cannot re-queue itself forever. ``max_interruptions`` 0 means no cap."""
+    input_seq: int,
+    attempt: int,
+    interruptions: int,
+    max_interruptions: int,
+    *,
+    waiting_for_human: bool = False,
+    cancel_requested: bool = False,
+) -> tuple[NewEntry, bool, bool]:
+    """What lease recovery writes for a run that died with its process, decided here for every backend:
+    ``(entry, final, counted)``.
+
+    * Asked to stop before it died: it ends with ``run_cancelled`` (a cancel is never undone).
+    * Below ``max_interruptions`` deaths (``interruptions``: earlier ones) it is queued again (``run_interrupted``);
+      at the cap it ends with a final ``run_failed``, so a message that kills the process cannot re-queue itself
+      forever. ``max_interruptions`` 0 means no cap.
+    * A run that was only waiting for a human when the process died is not counted (``counted`` False): the
+      message crashed nothing."""
+    if cancel_requested:
+        return retry_cancelled(input_seq, attempt), True, False
+    if waiting_for_human:
+        return interrupted(input_seq, attempt), False, False
     died = interruptions + 1
     if max_interruptions <= 0 or died < max_interruptions:
-        return interrupted(input_seq, attempt), False
+        return interrupted(input_seq, attempt), False, True
     error = (
         f"the service stopped abruptly while running this message {died} times (limit {max_interruptions}); "
         "it will not be tried again"
@@ -351,11 +366,12 @@ def interruption(
     final = lifecycle(
         RUN_FAILED, f"Run failed: {error}", error=error, retrying=False, input_seq=input_seq, attempt=attempt
     )
-    return final, True
+    return final, True, True
 
 
 def retry_cancelled(input_seq: int, attempt: int) -> NewEntry:
-    """The ``run_cancelled`` of an input cancelled while it waited to be retried (no run was working on it)."""
+    """The ``run_cancelled`` of an input whose run was asked to stop but did not get to write it (it waited to be
+    retried, or its process died)."""
     return lifecycle(
         RUN_CANCELLED, "Run cancelled (its pending retry will not run).", input_seq=input_seq, attempt=attempt
     )

@@ -430,13 +430,18 @@ class MemoryStore:
                     cut = partial(row.draft, PartialReason.INTERRUPTED)
                     out.append(_copy_entry(self._append(row, cut, item.run_id, None)))
                 row.draft = None
-                entry, final = interruption(
-                    item.seq, item.attempt, item.interruptions, self._max_interruptions
+                entry, final, counted = interruption(
+                    item.seq,
+                    item.attempt,
+                    item.interruptions,
+                    self._max_interruptions,
+                    waiting_for_human=row.awaiting,
+                    cancel_requested=item.cancel,
                 )
                 if final:
                     out.append(_copy_entry(self._end(row, item, entry, item.run_id)))
                 else:
-                    item.interruptions += 1
+                    item.interruptions += int(counted)
                     out += [_copy_entry(e) for e in self._requeue(row, item, entry, item.run_id, now)]
             return out
 

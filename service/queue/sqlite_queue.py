@@ -279,10 +279,11 @@ def recover_expired(
 ) -> list[Entry]:
     """Re-queue (or, at the interruption cap, end) running inputs whose lease expired before ``cutoff``."""
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
-    sql = """SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions, cancel_requested
-    FROM inputs WHERE status = 'running' AND lease_expires_at < ?"""
+    sql = """SELECT i.id, i.session_id, i.input_seq, i.attempt, i.run_id, i.lease_token, i.interruptions,
+    i.cancel_requested, s.status FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
+    WHERE i.status = 'running' AND i.lease_expires_at < ?"""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token, died, stop in sorted(
+    for input_id, session_id, input_seq, attempt, run_id, token, died, stop, status in sorted(
         db.execute(sql, ((cutoff or now).timestamp(),))
     ):
         draft = read_draft(db, session_id)
@@ -291,15 +292,20 @@ def recover_expired(
             if draft.run_id == run_id:  # what the dead run had streamed of its last message
                 cut = partial(draft, PartialReason.INTERRUPTED)
                 recovered += append_entries(db, now, session_id, [cut], run_id)
-        entry, final = interruption(input_seq, attempt, died, max_interruptions)
-        if final or stop:  # at the cap, or asked to stop before it died: it ends here
+        waiting = status == SessionStatus.AWAITING_INPUT
+        entry, final, counted = interruption(
+            input_seq,
+            attempt,
+            died,
+            max_interruptions,
+            waiting_for_human=waiting,
+            cancel_requested=bool(stop),
+        )
+        if final:  # at the cap, or asked to stop before it died: it ends here
             db.execute(DONE, (input_id, token))
-            if stop and not final:
-                recovered += append_entries(db, now, session_id, [entry], run_id)
-                entry = retry_cancelled(input_seq, attempt)
             recovered.append(_ended(db, now, session_id, entry, run_id))
             continue
-        db.execute(REQUEUE, (0, 1, now.timestamp(), input_id, token))  # an interruption, not a failure
+        db.execute(REQUEUE, (0, int(counted), now.timestamp(), input_id, token))  # not a failure
         recovered += append_entries(db, now, session_id, [entry], run_id, status=SessionStatus.QUEUED)
     return recovered
 

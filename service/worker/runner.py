@@ -69,6 +69,8 @@ MIN_ANSWER_RECHECK_S = 0.05
 AFTER_RUN_TIMEOUT_S = 5.0
 # Runs AutoGen did not end when asked: kept referenced (never awaited) until they end by themselves.
 ABANDONED: set[asyncio.Future[Any]] = set()
+# Teams abandoned in this process so far: a synchronous tool of one may still hold a thread that nothing can stop.
+abandoned_total = 0
 
 
 class StopReason(enum.Enum):
@@ -317,6 +319,8 @@ class Run:
         if done:
             return
         self.abandoned = True
+        global abandoned_total
+        abandoned_total += 1
         log.warning(
             "%s: the team did not stop within %.1fs of its cancellation; abandoning it",
             self.describe(),
@@ -413,10 +417,11 @@ class Run:
         if self.stop_reason is StopReason.LEASE_LOST:
             log.warning("%s: lease lost, stopped without writing", self.describe())
             return Outcome.LEASE_LOST
-        if self.stop_reason is StopReason.INTERRUPT:
+        if self.stop_reason is StopReason.INTERRUPT and not await store.cancel_requested(claim):
             await self._write_partial(PartialReason.INTERRUPTED)
             self._publish(await store.release(claim, interrupted(claim.input_seq, claim.attempt)))
             return Outcome.INTERRUPTED
+        # (A shutdown that finds the run asked to stop ends it as cancelled: never queued again.)
         if self.stop_reason is StopReason.STALLED:
             idle = self.deps.stall_timeout_s
             return await self._failed(
@@ -453,7 +458,8 @@ class Run:
         PermanentError ends the run at once. Either way the text names the error in one line."""
         await self._write_partial(reason)
         error = public_error_line(exc)
-        final = isinstance(exc, PermanentError)
+        # A run the user asked to stop is not retried (a cancel is never undone): its failure is final.
+        final = isinstance(exc, PermanentError) or await self.deps.store.cancel_requested(self.claim)
         # Failures, not attempts: interruptions (shutdowns, crashes) do not use up the retries of a failing run.
         failure = self.claim.failures + 1
         not_before = None if final else self.deps.retry.next_attempt_at(failure, self.deps.clock())

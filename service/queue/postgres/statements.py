@@ -53,8 +53,10 @@ CANCEL_FLAG = "SELECT cancel_requested FROM inputs WHERE id = $1 AND lease_token
 COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'running') GROUP BY status"
 # recover_expired: candidates by the database's clock; svc_requeue re-checks each under its session lock.
 EXPIRED = """
-SELECT id, session_id, input_seq, attempt, run_id, lease_token, interruptions FROM inputs
-WHERE status = 'running' AND lease_expires_at < now() + $1::float8 * interval '1 second' ORDER BY id"""
+SELECT i.id, i.session_id, i.input_seq, i.attempt, i.run_id, i.lease_token, i.interruptions, i.cancel_requested,
+       s.status
+FROM inputs i JOIN sessions s ON s.session_id = i.session_id
+WHERE i.status = 'running' AND i.lease_expires_at < now() + $1::float8 * interval '1 second' ORDER BY i.id"""
 # Double-texting: a rollback message waits behind the run (README "Double-texting").
 ROLLBACK_REQUESTED = """
 SELECT EXISTS (SELECT 1 FROM inputs WHERE session_id = $1 AND status = 'queued' AND strategy = 'rollback'

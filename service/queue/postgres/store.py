@@ -424,8 +424,13 @@ class PostgresStore:
             rows = await conn.fetch(q.EXPIRED, self.engine.offset())
 
         async def recover(row: Any) -> list[Entry]:
-            entry, final = interruption(
-                row["input_seq"], row["attempt"], row["interruptions"], self._max_interruptions
+            entry, final, counted = interruption(
+                row["input_seq"],
+                row["attempt"],
+                row["interruptions"],
+                self._max_interruptions,
+                waiting_for_human=row["status"] == SessionStatus.AWAITING_INPUT.value,
+                cancel_requested=bool(row["cancel_requested"]),
             )
             stop = retry_cancelled(row["input_seq"], row["attempt"])
             op = {
@@ -438,7 +443,7 @@ class PostgresStore:
                 "cancelled": q.new_entry_json(stop),
                 "delay_s": 0.0,
                 "failed": 0,
-                "interrupted": 1,
+                "interrupted": int(counted),
                 "expired": True,
                 "final": final,
             }
