@@ -66,7 +66,9 @@ class Window:
 async def turn(ws: aiohttp.ClientWebSocketResponse, n: int) -> str:
     """One turn: send, wait for its run_completed (acked, like a client); the assistant's last reply."""
     text = TOOL_TEXT if n % 10 == 0 else TEXT
-    await ws.send_str(orjson.dumps({"type": "TextMessage", "content": text, "client_msg_id": f"m{n}"}).decode())
+    await ws.send_str(
+        orjson.dumps({"type": "TextMessage", "content": text, "client_msg_id": f"m{n}"}).decode()
+    )
     reply = ""
     while True:
         frame = await receive_frame(ws)
@@ -112,7 +114,10 @@ async def drive(
                         w.bytes_per_turn.append(spent_bytes)
                         w.cpu_ms_per_turn.append(spent_cpu * 1000)
                 if n % 100 == 0:
-                    print(f"  turn {n}: {time.perf_counter() - began:.0f} s, reply ends {reply[-20:]!r}", flush=True)
+                    print(
+                        f"  turn {n}: {time.perf_counter() - began:.0f} s, reply ends {reply[-20:]!r}",
+                        flush=True,
+                    )
             if "[context:" not in reply:
                 raise RuntimeError(f"unexpected last reply {reply!r}")
     return early, late, time.perf_counter() - began
@@ -161,7 +166,9 @@ async def run_pg(folder: Path, team: Path, args: argparse.Namespace, url: str) -
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--turns", type=int, default=1000, help="turns of the one session (>= 30)")
     parser.add_argument("--window", type=int, default=10, help="turns measured around turn 10 and at the end")
     parser.add_argument("--pg", help="a throwaway PostgreSQL database URL (default: auto on 127.0.0.1:5432)")
@@ -169,7 +176,9 @@ async def main() -> None:
     args = parser.parse_args()
     if args.turns < 3 * args.window:
         parser.error("--turns must be at least 3 x --window")
-    print(f"one session, {args.turns} turns, default team without typing delay; per turn: bytes written, CPU ms")
+    print(
+        f"one session, {args.turns} turns, default team without typing delay; per turn: bytes written, CPU ms"
+    )
     ratios = []
     with tempfile.TemporaryDirectory(prefix="bench-long-") as tmp:
         folder = Path(tmp)
