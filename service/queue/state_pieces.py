@@ -1,7 +1,8 @@
 """Team state stored as a small head plus append-only pieces, so a turn writes what changed, not the whole state.
 
 AutoGen's ``save_state()`` of a team holds lists that grow with the conversation (each agent's
-``llm_context.messages``, the manager's ``message_thread``); everything else is small. A saved state is split into:
+``llm_context.messages``, the manager's ``message_thread``, agents' ``message_buffer``); everything else is
+small. A saved state is split into:
 
 * the **head**: the state with each growing list emptied, plus a manifest ``{path: [count, chain]}`` (``path`` is
   the JSON array of keys leading to the list; ``chain`` a hash over the list's items in order). It is rewritten
@@ -27,8 +28,10 @@ from typing import Any
 import orjson
 
 # Keys whose list values grow with the conversation (AutoGen 0.7: AssistantAgent's llm_context.messages, every
-# group chat manager's message_thread). Correctness does not depend on this choice, only the bytes saved do.
-GROWING_KEYS = frozenset({"messages", "message_thread"})
+# group chat manager's message_thread, and the message_buffer of an agent that seldom speaks, such as the default
+# team's user proxy, which holds every message since it last spoke). Correctness does not depend on this
+# choice, only the bytes saved do.
+GROWING_KEYS = frozenset({"messages", "message_thread", "message_buffer"})
 MANIFEST = "__pieces__"  # a key AutoGen never writes at the top of a state
 HEAD = "head"
 _EMPTY_CHAIN = b""
