@@ -80,8 +80,6 @@ async def long_store(
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def test_bytes_per_turn_do_not_grow_with_the_conversation(backend: str, tmp_path: Path) -> None:
-    if not Path("/proc/self/io").exists():
-        pytest.skip("no /proc/self/io on this system")
     per_turn: dict[int, int] = {}
     state: Any = None
     async with long_store(backend, tmp_path) as (store, written):
