@@ -95,7 +95,7 @@ async def test_bytes_per_turn_do_not_grow_with_the_conversation(backend: str, tm
             async for message in team.run_stream(task=text, output_task_messages=False):
                 if isinstance(message, BaseChatMessage | ToolCallRequestEvent | ToolCallExecutionEvent):
                     await store.append(
-                        claim, [NewEntry(type(message).__name__, "assistant", str(message.content))]
+                        claim, [NewEntry(type(message).__name__, "assistant", message.to_text())]
                     )
             state = drop_delivered_buffers(dict(await team.save_state()))
             await store.finish(claim, lifecycle("run_completed", "done", input_seq=claim.input_seq), state)
