@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/queue.py
 	$(PY) bench/worker.py
 	$(PY) bench/e2e.py
+	$(PY) bench/long.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

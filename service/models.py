@@ -255,6 +255,9 @@ class Claim:
     # claim's identity (compare=False; the dict would also make it unhashable).
     started: Entry | None = field(default=None, compare=False)
     team_state: dict[str, Any] | None = field(default=None, compare=False)
+    # Which pieces of that state are stored (``state_pieces.Manifest``; None: unknown or the memory backend), so
+    # ``finish`` writes only the pieces the run added. Opaque to everyone but the store that made the claim.
+    state_manifest: Any = field(default=None, compare=False)
     # Attempts of this input that failed (interrupted ones do not count): what the retry policy decides on.
     failures: int = 0
     # The trace context of the request that enqueued the input (W3C headers; README "Tracing"), or None.

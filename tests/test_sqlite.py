@@ -216,6 +216,7 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (3, "answers_and_interruptions"),
         (4, "drafts"),
         (5, "verb_functions"),
+        (6, "state_pieces"),
         (8, "multitask_strategy"),
     ]
     store = SqliteStore(db_path)

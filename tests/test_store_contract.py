@@ -1195,3 +1195,87 @@ async def test_read_frames_are_read_log_pre_serialised(store: Store) -> None:
     assert "msg-1" in frames.message_ids
     gone = await store.read_frames("nope", after=0, limit=10)
     assert (gone.frames, gone.last_seq, gone.has_more) == ([], 0, False)
+
+
+# --- team state in pieces (state_pieces.py): every shape comes back exactly as saved ----------------------------
+def _agent_state(messages: list[Any], thread: list[Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "TeamState",
+        "agent_states": {
+            "assistant": {"agent_state": {"llm_context": {"messages": messages}}, "message_buffer": []},
+            "manager": {"message_thread": thread, "current_turn": 0, **extra},
+        },
+        "version": "1.0.0",
+    }
+
+
+async def _round(store: Store, state: dict[str, Any] | None, n: int) -> Claim:
+    """Save ``state`` with one run, then claim the next: the claim carries what was saved."""
+    claim = await claim_one(store)
+    await store.finish(claim, completed(), state)
+    await store.enqueue(ALICE, "s1", f"turn {n}", None)
+    return await claim_one(store)
+
+
+async def test_team_state_round_trips_through_every_kind_of_change(store: Store) -> None:
+    """Growing lists are stored as pieces; appends, edits in the middle, shrinking, new and removed lists, odd
+    text and key order all come back exactly as saved, from the claim and from load_team_state."""
+    await store.enqueue(ALICE, "s1", "start", None)
+    odd = {"z": 1, "a": "nul \x00 and emoji \U0001f600", "m": [1, {"b": 2, "a": 1}]}
+    msgs = [{"source": "user", "content": "hi"}]
+    thread = [{"type": "TextMessage", "content": "hi", "metadata": {}}]
+    states = [
+        _agent_state(msgs, thread),
+        _agent_state([*msgs, {"source": "assistant", "content": "hello"}], [*thread, odd]),  # appended
+        _agent_state(
+            [*msgs, {"source": "assistant", "content": "hello"}], [*thread, odd], next_speaker_index=1
+        ),
+        _agent_state(
+            [{"source": "user", "content": "EDITED"}, {"source": "assistant", "content": "hello"}], [odd]
+        ),
+        _agent_state([], []),  # shrunk to nothing
+        {"agent_states": {"other": {"message_thread": [odd, odd]}}},  # lists removed, a new one
+        {"messages": [1, 2, 3], "tail": {"messages": "not a list"}},  # top level, and a key that is no list
+        _agent_state(msgs * 3, thread * 2),
+    ]
+    claim = await claim_one(store)
+    for n, state in enumerate(states):
+        await store.finish(claim, completed(), state)
+        loaded = await store.load_team_state("s1")
+        assert orjson.dumps(loaded) == orjson.dumps(state), n  # equal, key order included
+        await store.enqueue(ALICE, "s1", f"turn {n}", None)
+        claim = await claim_one(store)
+        assert orjson.dumps(claim.team_state) == orjson.dumps(state), n
+    # A reset forgets pieces and head; the next save starts afresh.
+    await store.finish(claim, completed(), None)
+    assert await store.reset_team_state(ALICE, "s1") is not None
+    assert await store.load_team_state("s1") is None
+    await store.enqueue(ALICE, "s1", "after reset", None)
+    claim = await _round(store, _agent_state([{"only": 1}], []), 99)
+    assert claim.team_state == _agent_state([{"only": 1}], [])
+
+
+async def test_team_state_grows_by_appending_over_many_runs(store: Store) -> None:
+    """A conversation's state over many runs (each run appends to the lists) comes back whole every time."""
+    await store.enqueue(ALICE, "s1", "start", None)
+    msgs: list[Any] = []
+    thread: list[Any] = []
+    claim = await claim_one(store)
+    for n in range(30):
+        msgs += [{"source": "user", "content": f"q{n}"}, {"source": "assistant", "content": f"a{n}" * n}]
+        thread += [{"content": f"q{n}"}, {"content": f"a{n}"}]
+        state = _agent_state(list(msgs), list(thread), current_turn=n)
+        await store.finish(claim, completed(), state)
+        await store.enqueue(ALICE, "s1", f"turn {n}", None)
+        claim = await claim_one(store)
+        assert claim.team_state == state
+    # Another session's state is its own.
+    await store.enqueue(ALICE, "s2", "other", None)
+    await store.finish(claim, completed(), None)
+    other = await claim_one(store)
+    assert other.session_id == "s2" and other.team_state is None
+    await store.finish(other, completed(), {"messages": ["s2 only"]})
+    assert await store.load_team_state("s2") == {"messages": ["s2 only"]}
+    assert await store.load_team_state("s1") == state
+    assert await store.delete_session(ALICE, "s1")
+    assert await store.load_team_state("s1") is None

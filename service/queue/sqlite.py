@@ -313,7 +313,7 @@ class SqliteStore:
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         rules.check_labels(session_id=session_id)
-        return await self._reader.read(lambda c: ops.load_team_state(c, session_id))
+        return (await self._reader.read(lambda c: ops.load_team_state(c, session_id)))[0]
 
     async def counts(self) -> dict[str, int]:
         return await self._reader.read(queue.counts)

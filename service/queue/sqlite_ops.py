@@ -29,6 +29,7 @@ from service.models import (
     parse_iso,
 )
 from service.queue.sqlite_conn import stamp
+from service.queue.state_pieces import MANIFEST, Manifest, StateSave, assemble
 
 Db = sqlite3.Cursor
 SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at, multitask_strategy"
@@ -46,6 +47,7 @@ status = CASE WHEN ?3 IS NULL THEN status
 WHERE session_id = ?5"""
 SAVE_STATE = """INSERT INTO team_states (session_id, state, updated_at) VALUES (?, ?, ?)
 ON CONFLICT (session_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"""
+INSERT_PIECE = "INSERT INTO state_pieces (session_id, path, idx, body) VALUES (?, ?, ?, ?)"
 
 
 def to_session(row: sqlite3.Row | tuple[Any, ...]) -> Session:
@@ -151,7 +153,7 @@ def append_entries(
     last: int | None = None,
     status: SessionStatus | None = None,
     queued_first: bool = False,
-    team_state: dict[str, Any] | None = None,
+    team_state: StateSave | None = None,
 ) -> list[Entry]:
     """Number the entries after the session's last seq (contiguous: the writer lock serialises appends) and
     update the session in the same statement. ``last`` saves a read when the caller already has last_seq."""
@@ -172,8 +174,23 @@ def append_entries(
         entries.append(entry)
     db.execute(TOUCH, (last + len(entries), created, status and status.value, queued_first, session_id))
     if team_state is not None:
-        db.execute(SAVE_STATE, (session_id, orjson.dumps(team_state).decode(), created))
+        save_team_state(db, session_id, team_state, created)
     return entries
+
+
+def save_team_state(db: Db, session_id: str, save: StateSave, created: str) -> None:
+    """Write a planned save (``state_pieces.plan_save``): the head, and only the pieces that changed."""
+    if save.clear:
+        db.execute("DELETE FROM state_pieces WHERE session_id = ?", (session_id,))
+    for write in save.writes:
+        if not save.clear:
+            sql = "DELETE FROM state_pieces WHERE session_id = ? AND path = ? AND idx >= ?"
+            db.execute(sql, (session_id, write.path, write.keep))
+        db.executemany(
+            INSERT_PIECE,
+            [(session_id, write.path, write.keep + i, body) for i, body in enumerate(write.items)],
+        )
+    db.execute(SAVE_STATE, (session_id, save.head, created))
 
 
 def read_log(db: Db, session_id: str, after: int | None, before: int | None, limit: int) -> Page:
@@ -251,9 +268,18 @@ def set_cursor(db: Db, session_id: str, client_id: str, seq: int) -> int:
     return stored
 
 
-def load_team_state(db: Db, session_id: str) -> dict[str, Any] | None:
+def load_team_state(db: Db, session_id: str) -> tuple[dict[str, Any] | None, Manifest | None]:
+    """The saved state reassembled from its head and pieces, and the manifest of what is stored."""
     row = db.execute("SELECT state FROM team_states WHERE session_id = ?", (session_id,)).fetchone()
     if row is None:
-        return None
-    state: dict[str, Any] = orjson.loads(row[0])
-    return state
+        return None, None
+    head = orjson.loads(row[0])
+    if not isinstance(head, dict) or MANIFEST not in head:
+        return head, None  # saved whole, before migration 0006
+    bodies: dict[str, list[str]] = {}
+    sql = "SELECT path, body FROM state_pieces WHERE session_id = ? ORDER BY path, idx"
+    for path, body in db.execute(sql, (session_id,)):
+        bodies.setdefault(path, []).append(body)
+    # One parse per list: the stored item texts joined into one JSON array.
+    pieces = {path: orjson.loads("[" + ",".join(items) + "]") for path, items in bodies.items()}
+    return assemble(head, pieces)

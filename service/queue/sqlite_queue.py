@@ -44,6 +44,7 @@ from service.queue.sqlite_ops import (
     owned,
     set_status,
 )
+from service.queue.state_pieces import StateSave, plan_save
 
 INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at,
 strategy) VALUES (?, ?, ?, 'queued', 1, ?, ?, ?)"""
@@ -142,9 +143,10 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     (entry,) = append_entries(
         db, now, session_id, [started(input_seq, attempt)], run_id, last=last, status=SessionStatus.RUNNING
     )
+    state, manifest = load_team_state(db, session_id)
     return Claim(
         input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id,
-        started=entry, team_state=load_team_state(db, session_id), failures=failures,
+        started=entry, team_state=state, state_manifest=manifest, failures=failures,
     )  # fmt: skip
 
 
@@ -233,7 +235,8 @@ def rollback_requested(db: Db, claim: Claim) -> bool:
 def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
     if db.execute(DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
-    return _ended(db, now, claim.session_id, entry, claim.run_id, team_state)
+    save = None if team_state is None else plan_save(team_state, claim.state_manifest)
+    return _ended(db, now, claim.session_id, entry, claim.run_id, save)
 
 
 def _ended(
@@ -242,7 +245,7 @@ def _ended(
     session_id: str,
     entry: NewEntry,
     run_id: str | None,
-    team_state: dict[str, Any] | None = None,
+    team_state: StateSave | None = None,
 ) -> Entry:
     """Append the terminal ``entry`` of an input just marked done; the session is queued when more inputs
     wait, else failed (a final run_failed) or idle."""
@@ -339,6 +342,7 @@ def reset_team_state(db: Db, now: datetime, owner: str, session_id: str) -> Entr
     if db.execute(sql, (session_id,)).fetchone() is not None:
         raise Conflict(f"session {session_id!r} has a run in progress: cancel it first")
     db.execute("DELETE FROM team_states WHERE session_id = ?", (session_id,))
+    db.execute("DELETE FROM state_pieces WHERE session_id = ?", (session_id,))
     (entry,) = append_entries(db, now, session_id, [team_reset()], None)
     return entry
 

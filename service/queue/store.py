@@ -32,6 +32,10 @@ Rules every backend keeps:
   Appending the message itself (an entry whose ``metadata.id`` is the draft's ``message_id``) deletes it in the
   same transaction; ``finish``/``retry``/``release`` delete it (the run wrote the partial entry itself); lease
   recovery turns a dead run's draft into a partial entry (``models.partial``) before its lifecycle entry.
+* **Team state.** ``claim`` and ``load_team_state`` return exactly what the last ``finish`` with a state saved
+  (equal JSON, key order and NUL characters included). The durable backends store it as a head plus append-only
+  pieces (``state_pieces.py``, migration 0006) so a save writes what the run added, not the whole state: the
+  bytes written per turn do not grow with the session. ``Claim.state_manifest`` carries what the claim read.
 * **Time** comes from the ``clock`` the backend was built with (tests pass a fake one).
 """
 

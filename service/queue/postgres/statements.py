@@ -8,7 +8,7 @@ clock (README "Deploying on PostgreSQL", "One clock"), never an instance's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ import orjson
 
 from service.errors import BadRequest
 from service.models import Entry, NewEntry, Session, SessionStatus
+from service.queue.state_pieces import Manifest, StateSave, plan_save
 
 LOG_CHANNEL = "service_log"  # payload "<session_id> <last_seq> <instance_id>": entries were committed
 WORK_CHANNEL = "service_work"  # payload "<session_id> <instance_id>": work may be claimable, or a cancel
@@ -41,7 +42,8 @@ EXPIRE_SESSIONS = """WITH doomed AS (
   FOR UPDATE SKIP LOCKED)
 DELETE FROM sessions s USING doomed d WHERE s.session_id = d.session_id RETURNING s.session_id"""
 LIST_SESSIONS = f"SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY updated_at DESC, session_id"
-LOAD_STATE = "SELECT team_state FROM sessions WHERE session_id = $1"
+# The head and the pieces of the saved state (migration 0006), in one statement (one snapshot).
+LOAD_STATE = "SELECT team_state, svc_pieces(session_id) AS pieces FROM sessions WHERE session_id = $1"
 LAST_SEQ = "SELECT last_seq FROM sessions WHERE session_id = $1"
 RECENT_SESSIONS = "SELECT session_id, last_seq FROM sessions WHERE updated_at >= $1 AND last_seq > 0"
 READ_AFTER = f"SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
@@ -74,6 +76,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def from_us(us: int) -> datetime:
     """A time the SQL functions return as integer microseconds since the epoch (exact, unlike a float)."""
     return _EPOCH + timedelta(microseconds=us)
+
+
+def planned_save(state: Mapping[str, Any], stored: Manifest | None) -> StateSave:
+    """``state_pieces.plan_save``, with BadRequest for what JSON cannot carry (as ``json_text``)."""
+    try:
+        return plan_save(state, stored)
+    except orjson.JSONEncodeError as exc:
+        raise BadRequest(f"the database cannot store this value: {exc}") from exc
 
 
 def json_text(value: Any) -> str:

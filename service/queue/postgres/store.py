@@ -59,6 +59,7 @@ from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, tran
 from service.queue.postgres.notify import Notifier
 from service.queue.postgres.outbox import Outbox
 from service.queue.postgres.schema import applied_versions, migrate
+from service.queue.state_pieces import assemble
 from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener
 
 _CANCEL_TRIES = 5
@@ -237,8 +238,8 @@ class PostgresStore:
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         rules.check_labels(session_id=session_id)
         async with self.engine.conn() as conn:
-            state: dict[str, Any] | None = await conn.fetchval(q.LOAD_STATE, session_id)
-        return state
+            row = await conn.fetchrow(q.LOAD_STATE, session_id)
+        return None if row is None else assemble(row["team_state"], row["pieces"])[0]
 
     async def listen(self, listener: CommitListener) -> None:
         self.notifier.add_listener(listener)
@@ -299,9 +300,10 @@ class PostgresStore:
         sid, input_seq, attempt = got["session"], got["input_seq"], got["attempt"]
         [entry] = q.appended(sid, [started(input_seq, attempt)], got["seq"], q.from_us(got["at"]), run_id)
         self._ring([(q.LOG_CHANNEL, sid, entry.seq)])
+        state, manifest = assemble(got["state"], got.get("pieces"))
         return Claim(
             got["input"], sid, got["owner"], got["team"], input_seq, got["content"], attempt, run_id, token,
-            worker_id, started=entry, team_state=got["state"], failures=got["failures"],
+            worker_id, started=entry, team_state=state, state_manifest=manifest, failures=got["failures"],
         )  # fmt: skip
 
     def _fenced(self, claim: Claim, op: str, **args: Any) -> dict[str, Any]:
@@ -373,7 +375,11 @@ class PostgresStore:
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         args: dict[str, Any] = {"entry": q.new_entry_json(entry)}
         if team_state is not None:
-            args["state"] = q.json_text(team_state)
+            # Only what the run added is sent and written (state_pieces.py); the head is small.
+            save = q.planned_save(team_state, claim.state_manifest)
+            args["state"] = save.head
+            args["clear"] = save.clear
+            args["pieces"] = [{"path": w.path, "keep": w.keep, "items": w.items_json()} for w in save.writes]
         done = await self._call(self._fenced(claim, "finish", **args))
         return self._ended(claim.session_id, entry, claim.run_id, done)
 

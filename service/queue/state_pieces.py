@@ -1,0 +1,125 @@
+"""Team state stored as a small head plus append-only pieces, so a turn writes what changed, not the whole state.
+
+AutoGen's ``save_state()`` of a team holds lists that grow with the conversation (each agent's
+``llm_context.messages``, the manager's ``message_thread``, agents' ``message_buffer``); everything else is
+small. A saved state is split into:
+
+* the **head**: the state with each growing list emptied, plus a manifest ``{path: [count, chain]}`` (``path`` is
+  the JSON array of keys leading to the list; ``chain`` a hash over the list's items in order). It is rewritten
+  on every save, and stays small;
+* the **pieces**: one row per list item, keyed by (session, path, index), holding the item's JSON text.
+
+A save compares the new lists with the manifest the run's claim read (``Claim.state_manifest``: under the lease
+nothing else writes the state): a list whose first ``count`` items hash to the stored chain only appends the
+items after them; any other list (an item changed, the list shrank, a path is new) is rewritten from index 0.
+Reading reassembles the head and the pieces (only ``index < count`` counts), in the claim's own transaction.
+
+A head without a manifest is a state saved whole by a version before migration 0006: it loads as it is, and the
+next save stores it in pieces. The memory backend keeps the dict and needs none of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Keys whose list values grow with the conversation (AutoGen 0.7: AssistantAgent's llm_context.messages, every
+# group chat manager's message_thread, and the message_buffer of an agent that seldom speaks, such as the default
+# team's user proxy, which holds every message since it last spoke). Correctness does not depend on this
+# choice, only the bytes saved do.
+GROWING_KEYS = frozenset({"messages", "message_thread", "message_buffer"})
+MANIFEST = "__pieces__"  # a key AutoGen never writes at the top of a state
+HEAD = "head"
+_EMPTY_CHAIN = b""
+
+Manifest = dict[str, tuple[int, str]]  # path -> (count, chain hex)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceWrite:
+    """Keep the first ``keep`` stored items of ``path`` (drop the rest) and append ``items`` (JSON texts)."""
+
+    path: str
+    keep: int
+    items: list[str]
+
+    def items_json(self) -> str:
+        """The items as one JSON array text."""
+        return "[" + ",".join(self.items) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class StateSave:
+    """What one save writes: the head's JSON text, the piece writes and the manifest the head records."""
+
+    head: str
+    writes: list[PieceWrite]
+    manifest: Manifest
+    clear: bool  # drop every stored piece of the session first (nothing known about them)
+
+
+def _split(node: Any, path: list[str], lists: dict[str, list[bytes]]) -> Any:
+    """A copy of ``node`` with every growing list emptied; the lists' items (as JSON bytes) go to ``lists``."""
+    if isinstance(node, Mapping):
+        out: dict[Any, Any] = {}
+        for key, value in node.items():
+            if key in GROWING_KEYS and isinstance(value, list):
+                lists[orjson.dumps([*path, key]).decode()] = [orjson.dumps(v) for v in value]
+                out[key] = []
+            else:
+                out[key] = _split(value, [*path, str(key)], lists)
+        return out
+    return node  # lists that do not grow (and scalars) stay in the head as they are
+
+
+def plan_save(state: Mapping[str, Any], stored: Manifest | None) -> StateSave:
+    """Split ``state`` and decide what to write, given the manifest of what is stored (None: unknown)."""
+    lists: dict[str, list[bytes]] = {}
+    head = _split(state, [], lists)
+    manifest: Manifest = {}
+    writes = []
+    for path, items in lists.items():
+        count, chain = (stored or {}).get(path, (-1, ""))
+        digest, keep = _EMPTY_CHAIN, 0
+        for i, item in enumerate(items):
+            if i == count and digest.hex() == chain:
+                keep = count
+            digest = hashlib.blake2b(digest + item, digest_size=16).digest()
+        if count == len(items) and digest.hex() == chain:
+            keep = count
+        manifest[path] = (len(items), digest.hex())
+        if keep < len(items) or (stored is not None and keep != count):
+            writes.append(PieceWrite(path, keep, [item.decode() for item in items[keep:]]))
+    if stored is not None:  # lists that disappeared (a removed agent): drop their pieces
+        writes.extend(PieceWrite(path, 0, []) for path in stored if path not in lists)
+    text = orjson.dumps({MANIFEST: {p: list(v) for p, v in manifest.items()}, HEAD: head}).decode()
+    return StateSave(text, writes, manifest, clear=stored is None)
+
+
+def assemble(
+    head: Any, pieces: Mapping[str, list[Any]] | None
+) -> tuple[dict[str, Any] | None, Manifest | None]:
+    """The state from a stored head (parsed JSON) and its pieces by path, with the stored manifest.
+
+    A head without a manifest is a whole state (saved before pieces existed): returned as is, manifest None."""
+    if head is None:
+        return None, None
+    if not isinstance(head, dict) or MANIFEST not in head:
+        return head, None
+    manifest: Manifest = {p: (int(v[0]), str(v[1])) for p, v in head[MANIFEST].items()}
+    state: dict[str, Any] = head[HEAD]
+    pieces = pieces or {}
+    for path, (count, _) in manifest.items():
+        keys = orjson.loads(path)
+        node: Any = state
+        for key in keys[:-1]:
+            node = node[key]
+        items = pieces.get(path, [])
+        if len(items) < count:
+            raise ValueError(f"team state: {count} pieces expected at {path}, {len(items)} stored")
+        node[keys[-1]] = list(items[:count])
+    return state, manifest
