@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from service import keys, parse
+from service import keys, parse, tracing
 from service.models import Enqueued, MultitaskStrategy
 
 
@@ -20,6 +20,7 @@ async def submit(app: web.Application, owner: str, session_id: str, message: dic
         parse.client_msg_id(message),
         max_queued=config.max_queued_per_session,
         strategy=parse.multitask_strategy(message),
+        trace_context=tracing.carrier() or None,  # README "Tracing": the run joins this request's trace
     )
     if queued.entry is not None:  # a repeated client_msg_id wrote nothing
         app[keys.HUB].publish(session_id, [queued.entry])

@@ -218,6 +218,7 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (5, "verb_functions"),
         (6, "state_pieces"),
         (8, "multitask_strategy"),
+        (9, "trace_context"),
     ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes

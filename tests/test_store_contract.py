@@ -1005,6 +1005,19 @@ async def test_multitask_strategies_in_the_store(store: Store) -> None:
     assert (await store.get_session(ALICE, "s1")) is not None
 
 
+async def test_an_inputs_trace_context_comes_back_with_every_claim(store: Store, clock: FakeClock) -> None:
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    await store.enqueue(ALICE, "s1", "traced", None, trace_context=headers)
+    await store.enqueue(ALICE, "s2", "not traced", None)
+    first = await claim_one(store, lease_s=10)
+    other = await claim_one(store)
+    assert (first.trace_context, other.trace_context) == (headers, None)
+    clock.advance(11)
+    await store.recover_expired()  # a crash: the retry joins the same trace
+    again = await claim_one(store)
+    assert again.input_seq == first.input_seq and again.trace_context == headers
+
+
 # --- owners ---------------------------------------------------------------------------------------
 async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
     await store.create_session(ALICE, "s1", "default", "private")

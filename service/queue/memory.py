@@ -127,6 +127,7 @@ class _Input:
     interruptions: int = 0
     answers: list[Answer] = field(default_factory=list)  # taken by this input's runs, in order
     strategy: str = MultitaskStrategy.ENQUEUE
+    trace_context: dict[str, str] | None = None
     lease_token: str = ""
     lease_expires_at: datetime | None = None
     run_id: str = ""
@@ -270,6 +271,7 @@ class MemoryStore:
         team: str = "default",
         max_queued: int | None = None,
         strategy: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         async with self._lock:
@@ -291,6 +293,7 @@ class MemoryStore:
                 row.msg_ids[client_msg_id] = entry.seq
             item = _Input(self._next_input_id, session_id, entry.seq, content, not_before=self._clock())
             item.strategy = chosen
+            item.trace_context = None if not trace_context else dict(trace_context)
             self._next_input_id += 1
             self._inputs[item.input_id] = item
             row.pending.append(item.input_id)
@@ -334,6 +337,7 @@ class MemoryStore:
                 started=_copy_entry(entry),
                 team_state=None if row.state is None else _clone(row.state),
                 failures=item.failures,
+                trace_context=None if item.trace_context is None else dict(item.trace_context),
             )
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:

@@ -214,12 +214,13 @@ class SqliteStore:
         team: str = "default",
         max_queued: int | None = None,
         strategy: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         now = self.clock()
         done = await self._writer.write(
             lambda c: queue.enqueue(
-                c, now, owner, session_id, content, client_msg_id, team, max_queued, strategy
+                c, now, owner, session_id, content, client_msg_id, team, max_queued, strategy, trace_context
             )
         )
         if not done.duplicate:

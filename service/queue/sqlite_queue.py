@@ -11,6 +11,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from service.errors import Conflict, LeaseLost, NotFound
 from service.models import (
     RUN_FAILED,
@@ -47,12 +49,12 @@ from service.queue.sqlite_ops import (
 from service.queue.state_pieces import StateSave, plan_save
 
 INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at,
-strategy) VALUES (?, ?, ?, 'queued', 1, ?, ?, ?)"""
+strategy, trace_context) VALUES (?, ?, ?, 'queued', 1, ?, ?, ?, ?)"""
 
 # Per-session FIFO and one running input per session, as a WHERE clause: the oldest queued input that is due,
 # whose session has nothing running and no older queued input (a retry waiting on backoff keeps its place).
 CLAIMABLE = """SELECT i.id, i.session_id, i.input_seq, i.content, i.attempt, s.owner, s.team, s.last_seq,
-  i.failures
+  i.failures, i.trace_context
 FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
 WHERE i.status = 'queued' AND i.not_before <= :now
   AND NOT EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id AND r.status = 'running')
@@ -86,6 +88,7 @@ def enqueue(
     team: str,
     max_queued: int | None,
     strategy: str | None = None,
+    trace_context: dict[str, str] | None = None,
 ) -> Enqueued:
     sql = "SELECT owner, status, last_seq, multitask_strategy FROM sessions WHERE session_id = ?"
     row = db.execute(sql, (session_id,)).fetchone()
@@ -122,7 +125,10 @@ def enqueue(
         if seen is None:
             raise
         return replace(seen, strategy=chosen)
-    db.execute(INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now), chosen.value))
+    trace = orjson.dumps(trace_context).decode() if trace_context else None
+    db.execute(
+        INSERT_INPUT, (session_id, entry.seq, content, now.timestamp(), stamp(now), chosen.value, trace)
+    )
     return Enqueued(session_id, entry.seq, client_msg_id, False, entry, chosen)
 
 
@@ -136,7 +142,7 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     row = db.execute(CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:
         return None
-    input_id, session_id, input_seq, content, attempt, owner, team, last, failures = row
+    input_id, session_id, input_seq, content, attempt, owner, team, last, failures, trace = row
     token, run_id = new_lease_token(), new_run_id()
     db.execute(TAKE, (token, now.timestamp() + lease_s, worker_id, run_id, input_id))
     # The run's first entry and its saved state come with the claim: two round trips to the writer fewer.
@@ -147,6 +153,7 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     return Claim(
         input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id,
         started=entry, team_state=state, state_manifest=manifest, failures=failures,
+        trace_context=None if trace is None else orjson.loads(trace),
     )  # fmt: skip
 
 

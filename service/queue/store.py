@@ -153,6 +153,7 @@ class Store(Protocol):
         team: str = "default",
         max_queued: int | None = None,
         strategy: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Enqueued:
         """Append the user's ``TextMessage`` (source ``user``) and its queue item in ONE transaction.
 
@@ -164,7 +165,10 @@ class Store(Protocol):
         ``strategy`` (None: the session's ``multitask_strategy``; ``rules.strategy``): ``reject`` raises Conflict
         (``rules.busy``, nothing written) while the session has a run working or inputs queued
         (``rules.rejects``); ``interrupt``/``rollback`` inputs are never taken as answers (``rules.may_answer``);
-        the caller then asks the session's run to stop. ``Enqueued.strategy`` says which applied."""
+        the caller then asks the session's run to stop. ``Enqueued.strategy`` says which applied.
+
+        ``trace_context`` (W3C trace headers, README "Tracing") is kept with the input and comes back as
+        ``Claim.trace_context`` on every claim of it."""
 
     async def wait_for_work(self, timeout_s: float) -> None:
         """Return when work may have become claimable (enqueue, retry, release, recovery) or after timeout_s.

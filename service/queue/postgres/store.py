@@ -259,9 +259,11 @@ class PostgresStore:
         team: str = "default",
         max_queued: int | None = None,
         strategy: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         op = {
+            "trace": trace_context or None,
             "strategy": None if strategy is None else MultitaskStrategy(strategy).value,
             "op": "enqueue",
             "session": session_id,
@@ -304,6 +306,7 @@ class PostgresStore:
         return Claim(
             got["input"], sid, got["owner"], got["team"], input_seq, got["content"], attempt, run_id, token,
             worker_id, started=entry, team_state=state, state_manifest=manifest, failures=got["failures"],
+            trace_context=got.get("trace"),
         )  # fmt: skip
 
     def _fenced(self, claim: Claim, op: str, **args: Any) -> dict[str, Any]:
