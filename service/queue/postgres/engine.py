@@ -24,7 +24,13 @@ import orjson
 from service.errors import BadRequest, ServiceError, StoreUnavailable
 from service.queue.batches import Batches, fail
 from service.queue.postgres import statements as q
-from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, connection_lost, translate
+from service.queue.postgres.errors import (
+    CONNECT_TIMEOUT_S,
+    DRIVER_ERRORS,
+    close_connection,
+    connection_lost,
+    translate,
+)
 from service.queue.postgres.schema import init_connection
 
 Offset = Callable[[], float]  # seconds added to the database's clock (0 in production; tests move it)
@@ -76,11 +82,7 @@ class Engine:
             await self._task
             self._task = None
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
-            except DRIVER_ERRORS:
-                conn.terminate()
+        await close_connection(conn)
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

@@ -4,6 +4,7 @@ the same words the SQLite dialect uses (README "The one contract")."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 
@@ -43,3 +44,16 @@ def connection_lost(exc: BaseException) -> bool:
     return not isinstance(exc, asyncpg.PostgresError) or isinstance(
         exc, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError | asyncpg.CannotConnectNowError
     )
+
+
+async def close_connection(conn: Any) -> None:
+    """Close a connection within CONNECT_TIMEOUT_S, else drop it (a dead peer must not hold anyone up)."""
+    if conn is None or conn.is_closed():
+        return
+    try:
+        await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
+    except DRIVER_ERRORS:
+        conn.terminate()
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise

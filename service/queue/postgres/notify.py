@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS
+from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, close_connection
 from service.queue.postgres.statements import DB_NOW, LOG_CHANNEL, WORK_CHANNEL
 from service.queue.store import CommitListener
 
@@ -114,14 +114,7 @@ class Notifier:
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
-            except DRIVER_ERRORS:
-                conn.terminate()
-            except asyncio.CancelledError:
-                conn.terminate()
-                raise
+        await close_connection(conn)
 
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         parts = payload.split(" ")
