@@ -1018,6 +1018,18 @@ async def test_an_inputs_trace_context_comes_back_with_every_claim(store: Store,
     assert again.input_seq == first.input_seq and again.trace_context == headers
 
 
+async def test_reset_waits_for_a_pending_retry_to_end(store: Store, clock: FakeClock) -> None:
+    """A failed run waiting for its retry is a run in progress: a reset now would make the retry start from
+    wiped memory."""
+    await store.enqueue(ALICE, "s1", "[[fail]] boom", None)
+    claim = await claim_one(store)
+    await store.retry(claim, failed(retrying=True), clock() + timedelta(seconds=60))
+    with pytest.raises(Conflict):
+        await store.reset_team_state(ALICE, "s1")
+    assert (await store.request_cancel(ALICE, "s1")).entry is not None
+    assert await store.reset_team_state(ALICE, "s1") is not None
+
+
 # --- owners ---------------------------------------------------------------------------------------
 async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
     await store.create_session(ALICE, "s1", "default", "private")

@@ -470,8 +470,9 @@ class MemoryStore:
             row = self._owned(owner, session_id)
             if row is None:
                 return None
-            if row.pending and self._inputs[row.pending[0]].status == RUNNING:
-                raise Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+            head = self._inputs[row.pending[0]] if row.pending else None
+            if head is not None and rules.is_run(head.status, head.attempt):
+                raise rules.run_in_progress(session_id)
             row.state = None
             return _copy_entry(self._append(row, team_reset(), None, None))
 

@@ -77,3 +77,9 @@ def may_answer(input_strategy: str) -> bool:
     """Whether a queued message may be taken as the answer to a human-input request: not one sent to interrupt
     or roll back the run (it must run as its own input)."""
     return input_strategy not in (MultitaskStrategy.INTERRUPT, MultitaskStrategy.ROLLBACK)
+
+
+def run_in_progress(session_id: str) -> Conflict:
+    """The one Conflict for a reset while the session has a run: running, waiting for a human, or a failed or
+    interrupted one waiting to be retried (``is_run``): its retry would start from wiped memory."""
+    return Conflict(f"session {session_id!r} has a run in progress: cancel it first")

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from service.errors import Conflict, LeaseLost, NotFound
+from service.errors import LeaseLost, NotFound
 from service.models import (
     RUN_FAILED,
     USER_INPUT_REQUESTED,
@@ -345,9 +345,9 @@ def request_cancel(db: Db, now: datetime, owner: str, session_id: str) -> Cancel
 def reset_team_state(db: Db, now: datetime, owner: str, session_id: str) -> Entry | None:
     if owned(db, owner, session_id) is None:
         return None
-    sql = "SELECT 1 FROM inputs WHERE session_id = ? AND status = 'running'"
-    if db.execute(sql, (session_id,)).fetchone() is not None:
-        raise Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+    head = db.execute(CURRENT_RUN, (session_id,)).fetchone()
+    if head is not None and rules.is_run(head[1], head[3]):
+        raise rules.run_in_progress(session_id)
     db.execute("DELETE FROM team_states WHERE session_id = ?", (session_id,))
     db.execute("DELETE FROM state_pieces WHERE session_id = ?", (session_id,))
     (entry,) = append_entries(db, now, session_id, [team_reset()], None)

@@ -498,6 +498,10 @@ class PostgresStore:
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
         rules.check_labels(session_id=session_id)
+        async with self.engine.conn() as conn:
+            head = await conn.fetchrow(q.CURRENT_RUN, session_id, owner)
+        if head is not None and rules.is_run(head["status"], head["attempt"]):
+            raise rules.run_in_progress(session_id)  # (svc_reset re-checks a running input under the lock)
         entry = team_reset()
         try:
             done = await self._call(
@@ -530,7 +534,7 @@ def _refusal(answer: dict[str, Any], op: dict[str, Any]) -> ServiceError:
         return rules.busy(session_id)
     if err == "conflict":
         if op["op"] == "reset":
-            return Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+            return rules.run_in_progress(session_id)
         return Conflict(f"session {session_id!r} already exists")
     if err == "changed":
         return _Changed()
