@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench browser clean
+.PHONY: install run test lint bench browser tools clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,7 +23,11 @@ run: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: install browser
+# The one-clock test runs an instance under libfaketime (Debian's faketime).
+tools:
+	@ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq faketime >/dev/null)
+
+test: install browser tools
 	PYTHONASYNCIODEBUG=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
