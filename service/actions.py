@@ -32,10 +32,11 @@ async def submit(app: web.Application, owner: str, session_id: str, message: dic
     return queued
 
 
-async def cancel(app: web.Application, owner: str, session_id: str) -> bool:
-    """Stop the session's run: at once when it runs here, through the store when another process runs it."""
-    requested = await app[keys.STORE].request_cancel(owner, session_id)
+async def cancel(app: web.Application, owner: str, session_id: str, input_seq: int | None = None) -> bool:
+    """Stop the session's run (only the run of ``input_seq`` when given): at once when it runs here, through the
+    store when another process runs it."""
+    requested = await app[keys.STORE].request_cancel(owner, session_id, input_seq)
     if requested.entry is not None:  # a pending retry, ended by the store itself
         app[keys.HUB].publish(session_id, [requested.entry])
-    local = app[keys.POOL].cancel(session_id)
+    local = requested.cancelled and app[keys.POOL].cancel(session_id, input_seq)
     return requested.cancelled or local

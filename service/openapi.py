@@ -157,8 +157,8 @@ def _op(
     return {"summary": summary, "responses": responses, **extra}
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+def _body(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
 PATHS: dict[str, Any] = {
@@ -230,10 +230,18 @@ PATHS: dict[str, Any] = {
     "/sessions/{session_id}/cancel": {
         "parameters": [SESSION_PARAM],
         "post": _op(
-            "Cancel the active run (or the pending retry of a failed or interrupted one), if any",
+            "Cancel the active run (or the pending retry of a failed or interrupted one), if any; with input_seq,"
+            " only the run of that input",
             "202",
             {"type": "object", "properties": {"cancelled": {"type": "boolean"}}},
-            COMMON,
+            (*COMMON, 413),
+            requestBody=_body(
+                {
+                    "type": "object",
+                    "properties": {"input_seq": {"type": "integer", "minimum": 0, "maximum": MAX_INT}},
+                },
+                required=False,
+            ),
         ),
     },
     "/sessions/{session_id}/reset": {

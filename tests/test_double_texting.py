@@ -132,3 +132,27 @@ async def test_interrupt_while_the_run_waits_for_a_human_is_not_taken_as_the_ans
     session = await (await client.get("/sessions/s4")).json()
     assert session["status"] == "idle"
     await ws.close()
+
+
+async def test_a_cancel_aimed_at_one_run_never_stops_the_next(client: Client) -> None:
+    """A Cancel clicked twice: the second click, aimed at the run that already ended, leaves the next alone."""
+    ws = await follow(client, "s5")
+    _, first = await post(client, "s5", "[[sleep:30]] first")
+    _, second = await post(client, "s5", "[[sleep:30]] second")
+    await receive_until(ws, is_type("run_started"))
+    response = await client.post("/sessions/s5/cancel", json={"input_seq": first["seq"]})
+    assert (await response.json()) == {"cancelled": True}
+    await receive_until(ws, is_type("run_started"))  # the second message's run
+    again = await client.post("/sessions/s5/cancel", json={"input_seq": first["seq"]})
+    assert (await again.json()) == {"cancelled": False}
+    await ws.send_json({"type": "cancel", "input_seq": first["seq"]})
+    reply = (await receive_until(ws, lambda f: f.get("type") == "cancelled"))[-1]
+    assert reply == {"type": "cancelled", "cancelled": False, "input_seq": first["seq"]}
+    session = await (await client.get("/sessions/s5")).json()
+    assert session["status"] == "running"  # the second run goes on
+    await ws.send_json({"type": "cancel", "input_seq": second["seq"]})
+    frames = await receive_until(ws, is_type("run_cancelled"))
+    assert [f["input_seq"] for f in durable(frames) if f["type"] == "run_cancelled"] == [second["seq"]]
+    bad = await client.post("/sessions/s5/cancel", json={"input_seq": -1})
+    assert bad.status == 400
+    await ws.close()

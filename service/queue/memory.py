@@ -449,13 +449,17 @@ class MemoryStore:
                     out += [_copy_entry(e) for e in self._requeue(row, item, entry, item.run_id, now)]
             return out
 
-    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+    async def request_cancel(
+        self, owner: str, session_id: str, input_seq: int | None = None
+    ) -> CancelRequest:
         rules.check_labels(session_id=session_id)
         async with self._lock:
             row = self._owned(owner, session_id)
             if row is None or not row.pending:
                 return CancelRequest()
             head = self._inputs[row.pending[0]]
+            if not rules.targets(input_seq, head.seq):
+                return CancelRequest()
             if head.status == RUNNING:
                 head.cancel = True
                 return CancelRequest(running=True)

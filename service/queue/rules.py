@@ -83,3 +83,9 @@ def run_in_progress(session_id: str) -> Conflict:
     """The one Conflict for a reset while the session has a run: running, waiting for a human, or a failed or
     interrupted one waiting to be retried (``is_run``): its retry would start from wiped memory."""
     return Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+
+
+def targets(wanted_input_seq: int | None, input_seq: int) -> bool:
+    """Whether a cancel aimed at ``wanted_input_seq`` (None: whatever runs) reaches the run of ``input_seq``: a
+    cancel sent for one run never stops the next one (a double-clicked Cancel button)."""
+    return wanted_input_seq is None or wanted_input_seq == input_seq

@@ -299,10 +299,12 @@ class SqliteStore:
             self._work.set()
         return recovered
 
-    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+    async def request_cancel(
+        self, owner: str, session_id: str, input_seq: int | None = None
+    ) -> CancelRequest:
         rules.check_labels(session_id=session_id)
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.request_cancel(c, now, owner, session_id))
+        done = await self._writer.write(lambda c: queue.request_cancel(c, now, owner, session_id, input_seq))
         if done.entry is not None:
             self._work.set()  # the session's next input (if any) just became claimable
         return done

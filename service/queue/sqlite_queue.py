@@ -326,13 +326,17 @@ CURRENT_RUN = """SELECT id, status, input_seq, attempt, run_id FROM inputs
 WHERE session_id = ? AND status IN ('queued', 'running') ORDER BY status = 'running' DESC, id LIMIT 1"""
 
 
-def request_cancel(db: Db, now: datetime, owner: str, session_id: str) -> CancelRequest:
+def request_cancel(
+    db: Db, now: datetime, owner: str, session_id: str, wanted: int | None = None
+) -> CancelRequest:
     if owned(db, owner, session_id) is None:
         return CancelRequest()
     row = db.execute(CURRENT_RUN, (session_id,)).fetchone()
     if row is None:
         return CancelRequest()
     input_id, status, input_seq, attempt, run_id = row
+    if not rules.targets(wanted, input_seq):
+        return CancelRequest()
     if status == "running":
         db.execute("UPDATE inputs SET cancel_requested = 1 WHERE id = ?", (input_id,))
         return CancelRequest(running=True)

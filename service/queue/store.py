@@ -231,11 +231,14 @@ class Store(Protocol):
         interruptions + 1, claimable at once; at the interruption cap, end it with a final ``run_failed``
         instead (``models.interruption``). Returns the appended entries (to publish)."""
 
-    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+    async def request_cancel(
+        self, owner: str, session_id: str, input_seq: int | None = None
+    ) -> CancelRequest:
         """Ask the session's run to stop. A running input is flagged (``running``; its run writes the outcome).
         An input waiting to be retried (queued again after a failure or an interruption, attempt > 1, at the
         head of its session) is ended here: marked done with a ``run_cancelled`` entry (``entry``). Nothing
-        else is touched: inputs never started are not runs. Another owner's or a missing session: nothing."""
+        else is touched: inputs never started are not runs. Another owner's or a missing session: nothing.
+        ``input_seq``: only the run of that input (``rules.targets``); another one is left alone."""
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
         """Forget the saved team state (the agents' memory) and append a ``team_reset`` entry; the log stays.

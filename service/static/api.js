@@ -84,5 +84,6 @@ export const api = {
     request("GET", `/sessions/${enc(id)}/messages?after=${after}&limit=${limit}`),
   postMessage: (id, content, clientMsgId) =>
     request("POST", `/sessions/${enc(id)}/messages`, { content, client_msg_id: clientMsgId }),
-  cancel: (id) => request("POST", `/sessions/${enc(id)}/cancel`),
+  cancel: (id, inputSeq) =>
+    request("POST", `/sessions/${enc(id)}/cancel`, inputSeq === undefined ? undefined : { input_seq: inputSeq }),
 };

@@ -282,8 +282,10 @@ export class ChatView {
   }
 
   cancel() {
-    if (this.socket && this.socket.send({ type: "cancel" })) return;
-    api.cancel(this.sessionId).catch((exc) => this.onError(exc.message));
+    // Aimed at the run on screen (README "HTTP"): a second click after it ended never stops the next message.
+    const target = Number.isInteger(this.runInputSeq) && this.runInputSeq > 0 ? { input_seq: this.runInputSeq } : {};
+    if (this.socket && this.socket.send({ type: "cancel", ...target })) return;
+    api.cancel(this.sessionId, target.input_seq).catch((exc) => this.onError(exc.message));
   }
 
   showPending(item) {

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from service.errors import StoreUnavailable
 from service.hub import Hub
 from service.models import Claim, utcnow
+from service.queue import rules
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.worker.logs import error_line, install_log_filters
@@ -111,9 +112,16 @@ class WorkerPool:
         """Runs in this process, including those waiting for human input."""
         return len(self._runs)
 
-    def cancel(self, session_id: str) -> bool:
-        """Cancel the session's run in this process now. False when none runs here."""
-        runs = [run for run, _ in self._runs.values() if run.claim.session_id == session_id and not run.done]
+    def cancel(self, session_id: str, input_seq: int | None = None) -> bool:
+        """Cancel the session's run in this process now (only the run of ``input_seq`` when given). False when
+        none runs here."""
+        runs = [
+            run
+            for run, _ in self._runs.values()
+            if run.claim.session_id == session_id
+            and not run.done
+            and rules.targets(input_seq, run.claim.input_seq)
+        ]
         for run in runs:
             run.stop(StopReason.CANCEL)
         return bool(runs)

@@ -466,13 +466,17 @@ class PostgresStore:
         recovered = await asyncio.gather(*(recover(row) for row in rows))
         return [entry for entries in recovered for entry in entries]
 
-    async def request_cancel(self, owner: str, session_id: str) -> CancelRequest:
+    async def request_cancel(
+        self, owner: str, session_id: str, input_seq: int | None = None
+    ) -> CancelRequest:
         rules.check_labels(session_id=session_id)
         for _ in range(_CANCEL_TRIES):
             async with self.engine.conn() as conn:
                 row = await conn.fetchrow(q.CURRENT_RUN, session_id, owner)
             if row is None or not rules.is_run(row["status"], row["attempt"]):
                 return CancelRequest()
+            if not rules.targets(input_seq, row["input_seq"]):
+                return CancelRequest()  # (svc_cancel acts on this input's id: a later run is never reached)
             op: dict[str, Any] = {
                 "op": "cancel",
                 "session": session_id,
