@@ -128,7 +128,11 @@ async def _open_session(request: web.Request) -> Session:
     try:
         return await store.create_session(owner, sid, "default", None)
     except Conflict as exc:
-        # It exists but is someone else's: exactly like a missing session we may not create.
+        # Created meanwhile (a POST of the same client racing this connect): ours after all. Else it is someone
+        # else's: exactly like a missing session we may not create.
+        raced = await store.get_session(owner, sid)
+        if raced is not None:
+            return raced
         raise NotFound(f"no session {sid}") from exc
 
 
