@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 
 from service.errors import BadRequest, Conflict, QueueFull
-from service.models import RUN_FAILED, MultitaskStrategy, SessionStatus
+from service.models import (
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    USER_INPUT_REQUESTED,
+    MultitaskStrategy,
+    SessionStatus,
+)
 
 # C0 controls (NUL included) and DEL. PostgreSQL's text cannot hold NUL at all, and a control character in an
 # id or a title is never what a client meant: refused everywhere, so every backend answers the same.
@@ -77,3 +84,21 @@ def may_answer(input_strategy: str) -> bool:
     """Whether a queued message may be taken as the answer to a human-input request: not one sent to interrupt
     or roll back the run (it must run as its own input)."""
     return input_strategy not in (MultitaskStrategy.INTERRUPT, MultitaskStrategy.ROLLBACK)
+
+
+def webhook_type(entry_type: str, metadata: dict[str, object]) -> str | None:
+    """The webhook event an appended entry makes (README "Webhooks"), or None: ``run_completed``,
+    ``run_cancelled``, a final ``run_failed`` (``retrying`` not true) and ``awaiting_input`` (a
+    ``UserInputRequestedEvent``). The SQL dialects mirror it in the ``entries_webhook`` trigger (migration 0010)."""
+    if entry_type == USER_INPUT_REQUESTED:
+        return "awaiting_input"
+    if entry_type in (RUN_COMPLETED, RUN_CANCELLED):
+        return entry_type
+    if entry_type == RUN_FAILED and metadata.get("retrying") is not True:
+        return entry_type
+    return None
+
+
+def webhook_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Backoff after failed delivery ``attempt`` (1-based): base, 2 x base, 4 x base, ... capped at max."""
+    return float(min(max_s, base_s * 2 ** min(attempt - 1, 60)))
