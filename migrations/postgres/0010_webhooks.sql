@@ -42,7 +42,9 @@ BEGIN
           NEW.run_id,
           COALESCE((NEW.metadata->>'input_seq')::bigint,
                    (SELECT input_seq FROM inputs WHERE session_id = NEW.session_id AND status = 'running'
-                    ORDER BY id LIMIT 1)),
+                    ORDER BY id LIMIT 1),
+                   (SELECT input_seq FROM inputs WHERE session_id = NEW.session_id AND run_id = NEW.run_id
+                    ORDER BY id DESC LIMIT 1)),
           NEW.created_at);
   RETURN NULL;
 END $$;

@@ -38,7 +38,9 @@ BEGIN
          NEW.run_id,
          COALESCE(json_extract(NEW.metadata, '$.input_seq'),
                   (SELECT input_seq FROM inputs WHERE session_id = NEW.session_id AND status = 'running'
-                   ORDER BY id LIMIT 1)),
+                   ORDER BY id LIMIT 1),
+                  (SELECT input_seq FROM inputs WHERE session_id = NEW.session_id AND run_id = NEW.run_id
+                   ORDER BY id DESC LIMIT 1)),
          NEW.created_at
   FROM (SELECT COALESCE((SELECT webhook_url FROM sessions WHERE session_id = NEW.session_id),
                         (SELECT url FROM webhook_default WHERE id = 1)) AS url) AS u
