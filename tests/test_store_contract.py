@@ -1338,7 +1338,9 @@ async def test_webhook_server_default_resolved_at_write_time(
 ) -> None:
     await store.close()
     url = request.node.stash[STORE_URL]
-    hooked = open_store(url, clock=clock, db_clock_offset=clock.db_offset, webhook_url="http://default.example/")
+    hooked = open_store(
+        url, clock=clock, db_clock_offset=clock.db_offset, webhook_url="http://default.example/"
+    )
     await hooked.open()
     try:
         await hooked.create_session(ALICE, "own", "default", None, webhook_url=HOOK)
