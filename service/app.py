@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import WSCloseCode, web
 
-from service import keys, middleware, retention, tracing
+from service import keys, middleware, retention, tracing, webhooks
 from service.config import Config
 from service.hub import Hub
 from service.metrics import Metrics
@@ -38,6 +38,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         exclusive=True,
         max_interruptions=config.max_interruptions,
         sqlite_wal_limit_mb=config.sqlite_wal_limit_mb,
+        webhook_url=config.webhook_url or None,
     )
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)
@@ -62,6 +63,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
     )
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(retention.sweeper_ctx)
+    app.cleanup_ctx.append(webhooks.deliverer_ctx)
     if start_workers:
         app.cleanup_ctx.append(_pool_ctx)
     app.on_shutdown.append(_close_sockets)

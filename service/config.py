@@ -128,6 +128,21 @@ SETTINGS: tuple[Setting, ...] = (
         "extra teams as name=path.json or name=module:function, comma separated (config.toml: [teams] table)",
     ),
     Setting(
+        "webhook_url",
+        "",
+        "server default webhook URL (http or https) for sessions created without their own; needs"
+        " SERVICE_WEBHOOK_SECRET; empty: none",
+    ),
+    Setting(
+        "webhook_allow_private",
+        False,
+        "allow webhook URLs on loopback, private and link-local addresses (off: refused)",
+    ),
+    Setting("webhook_max_attempts", 10, "delivery attempts of a webhook event before it is given up"),
+    Setting("webhook_base_delay_s", 1.0, "backoff after a failed webhook delivery; doubles each attempt"),
+    Setting("webhook_max_delay_s", 300.0, "webhook backoff cap"),
+    Setting("webhook_timeout_s", 10.0, "seconds one webhook POST may take (shorter than lease_s)"),
+    Setting(
         "log_level", "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     ),
 )
@@ -162,8 +177,16 @@ class Config:
     max_page: int = 1000
     send_buffer: int = 1000
     teams: Mapping[str, str] = field(default_factory=dict)
+    webhook_url: str = ""
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = 10
+    webhook_base_delay_s: float = 1.0
+    webhook_max_delay_s: float = 300.0
+    webhook_timeout_s: float = 10.0
     log_level: str = "INFO"
     jwt_secret: str | None = field(default=None, repr=False)  # only from the environment (SERVICE_JWT_SECRET)
+    # only from the environment (SERVICE_WEBHOOK_SECRET)
+    webhook_secret: str | None = field(default=None, repr=False)
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -186,12 +209,21 @@ class Config:
             "max_page",
             "send_buffer",
             "sqlite_wal_limit_mb",
+            "webhook_max_attempts",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535 (0: any free port), got {self.port}")
-        for name in ("lease_s", "heartbeat_s", "poll_interval_s", "sweep_interval_s"):
+        for name in (
+            "lease_s",
+            "heartbeat_s",
+            "poll_interval_s",
+            "sweep_interval_s",
+            "webhook_base_delay_s",
+            "webhook_max_delay_s",
+            "webhook_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for setting in SETTINGS:
@@ -205,7 +237,31 @@ class Config:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.heartbeat_s >= self.lease_s:
             raise ConfigError("heartbeat_s must be shorter than lease_s, or leases expire between heartbeats")
+        self._validate_webhooks()
         return self
+
+    def _validate_webhooks(self) -> None:
+        from service.webhooks import check_url, signer
+
+        if self.webhook_secret:
+            try:
+                signer(self.webhook_secret)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if not self.webhook_url:
+            return
+        if not self.webhook_secret:
+            raise ConfigError(
+                "webhook_url needs the signing secret in the environment variable SERVICE_WEBHOOK_SECRET"
+            )
+        try:
+            check_url(self.webhook_url, self.webhook_allow_private)
+        except ServiceError as exc:
+            raise ConfigError(
+                exc.message.replace("webhook_url", f"webhook_url {self.webhook_url!r}", 1)
+            ) from None
+        if self.webhook_timeout_s >= self.lease_s:
+            raise ConfigError("webhook_timeout_s must be shorter than lease_s, or a slow POST is sent twice")
 
 
 def is_loopback(host: str) -> bool:
@@ -287,6 +343,7 @@ def load_config(
         elif setting.name in from_file:
             values[setting.name] = _coerce(setting, from_file[setting.name], str(path))
     values["jwt_secret"] = env.get("SERVICE_JWT_SECRET") or None
+    values["webhook_secret"] = env.get("SERVICE_WEBHOOK_SECRET") or None
     return Config(**values).validate()
 
 
@@ -310,4 +367,6 @@ def setting_names() -> Sequence[str]:
     return [s.name for s in SETTINGS]
 
 
-assert {f.name for f in fields(Config)} == {s.name for s in SETTINGS} | {"jwt_secret"}, "settings table drift"
+assert {f.name for f in fields(Config)} == {s.name for s in SETTINGS} | {"jwt_secret", "webhook_secret"}, (
+    "settings table drift"
+)

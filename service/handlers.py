@@ -34,8 +34,9 @@ async def create_session(request: web.Request) -> web.Response:
         raise BadRequest(f"unknown team {team!r}; configured: {', '.join(request.app[keys.TEAMS].names())}")
     title = parse.optional_str(data, "title", parse.MAX_TITLE)
     strategy = parse.multitask_strategy(data) or "enqueue"
+    webhook_url = parse.webhook_url(data, request.app[keys.CONFIG])
     session = await _store(request).create_session(
-        current_user(request), sid, team, title, multitask_strategy=strategy
+        current_user(request), sid, team, title, multitask_strategy=strategy, webhook_url=webhook_url
     )
     return json_response(session.to_json(), status=201)
 

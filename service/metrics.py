@@ -41,6 +41,16 @@ class Metrics:
             buckets=(0, 1, 10, 100, 1000, 10_000, 100_000),
         )
 
+        self.webhook_deliveries = Counter(
+            "service_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, failed (tried again later), gave_up",
+            ["outcome"],
+            registry=r,
+        )
+
+    def webhook_delivery(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
+
     # --- the worker pool's hooks (service.worker.pool.PoolMetrics) ---
     def run_started(self, team: str) -> None:
         self.runs_running.inc()

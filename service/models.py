@@ -392,3 +392,33 @@ def started(input_seq: int, attempt: int) -> NewEntry:
     """The ``run_started`` entry that ``claim`` appends in its own transaction."""
     text = "Run started." if attempt == 1 else f"Run started (attempt {attempt})."
     return lifecycle(RUN_STARTED, text, input_seq=input_seq, attempt=attempt)
+
+
+WEBHOOK_TYPES = ("run_completed", "run_failed", "run_cancelled", "awaiting_input")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One outbox row claimed for delivery (README "Webhooks"). ``webhook_id`` is the same on every attempt;
+    ``attempt`` counts this one (1-based); ``lease_token`` fences ``webhook_delivered``/``webhook_failed``."""
+
+    webhook_id: str
+    url: str
+    session_id: str
+    run_id: str | None
+    input_seq: int | None
+    type: str  # one of WEBHOOK_TYPES
+    last_seq: int  # the seq of the entry that made the event
+    created_at: datetime  # the entry's
+    attempt: int
+    lease_token: str
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "run_id": self.run_id,
+            "input_seq": self.input_seq,
+            "type": self.type,
+            "last_seq": self.last_seq,
+            "created_at": iso(self.created_at),
+        }

@@ -176,6 +176,7 @@ PATHS: dict[str, Any] = {
                         "team": {"type": "string"},
                         "title": {"type": "string", "maxLength": 200},
                         "multitask_strategy": STRATEGY,
+                        "webhook_url": {"type": "string", "maxLength": 2048},
                     },
                 }
             ),

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from service import webhooks
 from service.config import Config
 from service.errors import BadRequest, TooLarge
 from service.models import MultitaskStrategy
@@ -119,6 +120,18 @@ def client_msg_id(data: dict[str, Any]) -> str | None:
     if value == "":
         raise BadRequest("client_msg_id must not be empty")
     return value
+
+
+def webhook_url(data: dict[str, Any], config: Config) -> str | None:
+    """``webhook_url`` of a ``POST /sessions`` body (README "Webhooks"), checked, or None when absent."""
+    value = data.get("webhook_url")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("webhook_url must be a string")
+    if not config.webhook_secret:
+        raise BadRequest("webhooks are off on this server (no SERVICE_WEBHOOK_SECRET)")
+    return webhooks.check_url(value, config.webhook_allow_private)
 
 
 def multitask_strategy(data: dict[str, Any]) -> str | None:

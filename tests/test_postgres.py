@@ -342,3 +342,21 @@ async def test_two_instances_sweeping_at_once_delete_each_expired_session_once(
         by_a, by_b = await asyncio.gather(sweep(a), sweep(b))
         assert sorted(by_a + by_b) == expired  # every expired session once: none twice, none missed
         assert [s.session_id for s in await b.list_sessions(OWNER)] == ["fresh"]
+
+
+async def test_two_instances_claiming_webhooks_at_once_share_no_event(pg_url: str, clock: FakeClock) -> None:
+    """README "Webhooks": one delivery per event across instances: concurrent claims never hand the same outbox
+    row to two instances while its lease runs, and together they get every event once."""
+    async with instances(pg_url, clock, n=2) as (a, b):
+        for n in range(12):
+            sid = f"w{n}"
+            await a.create_session(OWNER, sid, "default", None, webhook_url="http://hooks.example/in")
+            await a.enqueue(OWNER, sid, "hi", None)
+            claim = await a.claim("w1", LEASE_S)
+            assert claim is not None
+            await a.finish(claim, lifecycle(RUN_COMPLETED, "done"), None)
+        got_a, got_b = await asyncio.gather(a.claim_webhooks(LEASE_S, 8), b.claim_webhooks(LEASE_S, 8))
+        rest = await a.claim_webhooks(LEASE_S, 8) + await b.claim_webhooks(LEASE_S, 8)
+        ids = [e.webhook_id for e in got_a + got_b + rest]
+        assert len(ids) == len(set(ids)) == 12
+        assert {e.session_id for e in got_a + got_b + rest} == {f"w{n}" for n in range(12)}

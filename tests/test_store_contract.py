@@ -1304,3 +1304,104 @@ async def test_team_state_grows_by_appending_over_many_runs(store: Store) -> Non
     assert await store.load_team_state("s1") == state
     assert await store.delete_session(ALICE, "s1")
     assert await store.load_team_state("s1") is None
+
+
+# --- webhook outbox (README "Webhooks") -----------------------------------------------------------
+HOOK = "http://127.0.0.1:9/hook"
+
+
+async def test_webhook_outbox_events_written_with_their_entries(store: Store, clock: FakeClock) -> None:
+    await store.create_session(ALICE, "w", "default", None, webhook_url=HOOK)
+    await store.create_session(ALICE, "quiet", "default", None)  # no URL, no server default: no events
+    await store.enqueue(ALICE, "w", "one", None)
+    await store.enqueue(ALICE, "quiet", "one", None)
+    first = await claim_one(store)
+    ask = NewEntry(type=USER_INPUT_REQUESTED, source="user", content="")
+    asked = (await store.append(first, [said("hi"), ask]))[-1]
+    later = clock.now + timedelta(seconds=60)
+    retried = await store.retry(first, failed(retrying=True), later)  # a retrying failure: no event
+    second = await claim_one(store)
+    assert second.session_id == "quiet"
+    await store.finish(second, completed(), None)
+    clock.advance(61)
+    third = await claim_one(store)
+    done = await store.finish(third, failed(retrying=False), None)
+    events = await store.claim_webhooks(LEASE_S, 10)
+    assert [(e.type, e.last_seq, e.input_seq, e.run_id) for e in events] == [
+        ("awaiting_input", asked.seq, 1, first.run_id),
+        ("run_failed", done.seq, 1, third.run_id),
+    ]
+    assert retried[0].seq < done.seq
+    assert all(e.url == HOOK and e.session_id == "w" and e.attempt == 1 for e in events)
+    assert events[1].payload() == {
+        "session_id": "w",
+        "run_id": third.run_id,
+        "input_seq": 1,
+        "type": "run_failed",
+        "last_seq": done.seq,
+        "created_at": iso(done.created_at),
+    }
+    assert len({e.webhook_id for e in events}) == 2
+    assert await store.claim_webhooks(LEASE_S, 10) == []  # leased
+
+
+async def test_webhook_server_default_resolved_at_write_time(
+    store: Store, request: pytest.FixtureRequest, clock: FakeClock
+) -> None:
+    await store.close()
+    url = request.node.stash[STORE_URL]
+    hooked = open_store(
+        url, clock=clock, db_clock_offset=clock.db_offset, webhook_url="http://default.example/"
+    )
+    await hooked.open()
+    try:
+        await hooked.create_session(ALICE, "own", "default", None, webhook_url=HOOK)
+        for sid in ("own", "plain"):
+            await hooked.enqueue(ALICE, sid, "x", None)
+            await hooked.finish(await claim_one(hooked), completed(), None)
+        # A cancel of a pending retry ends the run with run_cancelled: an event too.
+        await hooked.enqueue(ALICE, "plain", "y", None)
+        await hooked.retry(await claim_one(hooked), failed(retrying=True), clock.now)
+        cancelled = await hooked.request_cancel(ALICE, "plain")
+        assert cancelled.entry is not None
+        events = await hooked.claim_webhooks(LEASE_S, 10)
+        assert [(e.session_id, e.url, e.type) for e in events] == [
+            ("own", HOOK, "run_completed"),
+            ("plain", "http://default.example/", "run_completed"),
+            ("plain", "http://default.example/", "run_cancelled"),
+        ]
+        assert events[2].input_seq == 4  # plain: x, run_started, run_completed, y
+    finally:
+        await hooked.close()
+
+
+async def test_webhook_retry_lease_and_give_up(store: Store, clock: FakeClock) -> None:
+    await store.create_session(ALICE, "w", "default", None, webhook_url=HOOK)
+    for text in ("one", "two"):
+        await store.enqueue(ALICE, "w", text, None)
+        await store.finish(await claim_one(store), completed(), None)
+    one, two = await store.claim_webhooks(LEASE_S, 10)
+    assert await store.webhook_failed(one, 10.0)
+    assert await store.webhook_failed(two, None)  # given up: never again
+    assert not await store.webhook_delivered(two)
+    assert await store.claim_webhooks(LEASE_S, 10) == []  # not due yet
+    clock.advance(11)
+    (again,) = await store.claim_webhooks(5.0, 10)
+    assert (again.webhook_id, again.attempt) == (one.webhook_id, 2)
+    assert again.lease_token != one.lease_token
+    assert not await store.webhook_delivered(one)  # an old lease writes nothing
+    clock.advance(6)  # the deliverer died: its lease expires
+    (third,) = await store.claim_webhooks(LEASE_S, 10)
+    assert (third.webhook_id, third.attempt) == (one.webhook_id, 3)
+    assert not await store.webhook_failed(again, 1.0)
+    assert await store.webhook_delivered(third)
+    clock.advance(3600)
+    assert await store.claim_webhooks(LEASE_S, 10) == []
+
+
+async def test_webhook_outbox_goes_with_its_session(store: Store, clock: FakeClock) -> None:
+    await store.create_session(ALICE, "w", "default", None, webhook_url=HOOK)
+    await store.enqueue(ALICE, "w", "one", None)
+    await store.finish(await claim_one(store), completed(), None)
+    assert await store.delete_session(ALICE, "w")
+    assert await store.claim_webhooks(LEASE_S, 10) == []

@@ -30,21 +30,27 @@ def open_store(
     max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
     sqlite_wal_limit_mb: int = 64,
     db_clock_offset: Callable[[], float] | None = None,
+    webhook_url: str | None = None,
 ) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
     ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore).
     ``max_interruptions``: deaths of the process while running one input before recovery ends it (0: no cap).
     ``db_clock_offset``: PostgreSQL judges time by the database's clock (README "Deploying on PostgreSQL");
-    tests that drive ``clock`` by hand pass the seconds to add to it (None: none)."""
+    tests that drive ``clock`` by hand pass the seconds to add to it (None: none).
+    ``webhook_url``: the server default webhook URL for sessions without their own (README "Webhooks")."""
     if url.startswith("memory://"):
         from service.queue.memory import MemoryStore
 
-        return MemoryStore(clock=clock, max_interruptions=max_interruptions)
+        return MemoryStore(clock=clock, max_interruptions=max_interruptions, webhook_url=webhook_url)
     if url.startswith(("postgresql://", "postgres://")):
         from service.queue.postgres import PostgresStore
 
         return PostgresStore(
-            url, clock=clock, db_clock_offset=db_clock_offset, max_interruptions=max_interruptions
+            url,
+            clock=clock,
+            db_clock_offset=db_clock_offset,
+            max_interruptions=max_interruptions,
+            webhook_url=webhook_url,
         )
     if url.startswith("sqlite://"):
         # As in SQLAlchemy: sqlite:///rel/path is relative, sqlite:////abs/path is absolute.
@@ -64,6 +70,7 @@ def open_store(
         exclusive=exclusive,
         max_interruptions=max_interruptions,
         wal_limit_bytes=sqlite_wal_limit_mb * 1024 * 1024,
+        webhook_url=webhook_url,
     )
 
 

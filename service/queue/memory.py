@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import secrets
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ from service.models import (
     PartialReason,
     Session,
     SessionStatus,
+    WebhookEvent,
     interruption,
     message_ids,
     new_lease_token,
@@ -99,6 +101,7 @@ class _Session:
     failed: bool = False  # the last run ended with a final run_failed
     draft: Draft | None = None
     multitask_strategy: str = MultitaskStrategy.ENQUEUE
+    webhook_url: str | None = None
 
     def public(self, status: SessionStatus) -> Session:
         return Session(
@@ -134,11 +137,28 @@ class _Input:
     cancel: bool = False
 
 
+@dataclass(slots=True)
+class _Outbox:
+    event: WebhookEvent  # attempt/lease_token: of the last claim
+    attempts: int = 0
+    failed: bool = False
+    next_at: datetime | None = None
+    lease_token: str = ""
+    lease_expires_at: datetime | None = None
+
+
 class MemoryStore:
     dialect: ClassVar[str] = "memory"
 
-    def __init__(self, clock: Clock = utcnow, max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS) -> None:
+    def __init__(
+        self,
+        clock: Clock = utcnow,
+        max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+        webhook_url: str | None = None,
+    ) -> None:
         self._clock = clock
+        self._webhook_url = webhook_url
+        self._outbox: dict[str, _Outbox] = {}  # by webhook_id, in the order written
         self._max_interruptions = max_interruptions
         self._lock = asyncio.Lock()
         self._sessions: dict[str, _Session] = {}
@@ -167,6 +187,7 @@ class MemoryStore:
         title: str | None,
         *,
         multitask_strategy: str = MultitaskStrategy.ENQUEUE,
+        webhook_url: str | None = None,
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
         async with self._lock:
@@ -176,6 +197,7 @@ class MemoryStore:
                 raise Conflict(f"session {session_id!r} already exists")
             row = self._create(owner, session_id, team, title)
             row.multitask_strategy = MultitaskStrategy(multitask_strategy)
+            row.webhook_url = webhook_url
             return self._public(row)
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
@@ -204,6 +226,7 @@ class MemoryStore:
                 # Their heap entries go stale; a running claim finds no input: LeaseLost.
                 del self._inputs[input_id]
             del self._sessions[session_id]
+            self._drop_outbox({session_id})
             return True
 
     async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
@@ -215,6 +238,7 @@ class MemoryStore:
             )[: max(0, limit)]
             for row in doomed:
                 del self._sessions[row.session_id]
+            self._drop_outbox({row.session_id for row in doomed})
             return [row.session_id for row in doomed]
 
     async def read_log(
@@ -486,6 +510,55 @@ class MemoryStore:
             row = self._sessions.get(session_id)
             return None if row is None or row.state is None else _clone(row.state)
 
+    # --- webhook outbox ---------------------------------------------------------------------------
+    async def claim_webhooks(self, lease_s: float, limit: int) -> list[WebhookEvent]:
+        async with self._lock:
+            now = self._clock()
+            taken: list[WebhookEvent] = []
+            for item in self._outbox.values():
+                if len(taken) >= limit:
+                    break
+                if item.failed or (item.next_at is not None and item.next_at > now):
+                    continue
+                if item.lease_expires_at is not None and item.lease_expires_at > now:
+                    continue
+                item.attempts += 1
+                item.lease_token = new_lease_token()
+                item.lease_expires_at = now + timedelta(seconds=lease_s)
+                item.event = replace(item.event, attempt=item.attempts, lease_token=item.lease_token)
+                taken.append(item.event)
+            return taken
+
+    async def webhook_delivered(self, event: WebhookEvent) -> bool:
+        async with self._lock:
+            if self._leased(event) is None:
+                return False
+            del self._outbox[event.webhook_id]
+            return True
+
+    async def webhook_failed(self, event: WebhookEvent, delay_s: float | None) -> bool:
+        async with self._lock:
+            item = self._leased(event)
+            if item is None:
+                return False
+            item.lease_token, item.lease_expires_at = "", None
+            if delay_s is None:
+                item.failed = True
+            else:
+                item.next_at = self._clock() + timedelta(seconds=delay_s)
+            return True
+
+    def _leased(self, event: WebhookEvent) -> _Outbox | None:
+        item = self._outbox.get(event.webhook_id)
+        if item is None or item.failed or item.lease_token != event.lease_token:
+            return None
+        return item
+
+    def _drop_outbox(self, session_ids: set[str]) -> None:
+        """A deleted session's outbox rows go with it (the SQL dialects: ON DELETE CASCADE)."""
+        for webhook_id in [k for k, v in self._outbox.items() if v.event.session_id in session_ids]:
+            del self._outbox[webhook_id]
+
     async def counts(self) -> dict[str, int]:
         async with self._lock:
             running = sum(1 for i in self._inputs.values() if i.status == RUNNING)
@@ -539,7 +612,32 @@ class MemoryStore:
         )
         row.log.append(entry)
         row.updated_at = now
+        self._outbox_for(row, entry)
         return entry
+
+    def _outbox_for(self, row: _Session, entry: Entry) -> None:
+        """The outbox row of a webhook event, written with the entry (the SQL dialects: a trigger)."""
+        kind = rules.webhook_type(entry.type, entry.metadata)
+        url = row.webhook_url or self._webhook_url
+        if kind is None or url is None:
+            return
+        input_seq = entry.metadata.get("input_seq")
+        if not isinstance(input_seq, int):
+            head = self._inputs.get(row.pending[0]) if row.pending else None
+            input_seq = head.seq if head is not None and head.status == RUNNING else None
+        event = WebhookEvent(
+            "msg_" + secrets.token_hex(16),
+            url,
+            row.session_id,
+            entry.run_id,
+            input_seq,
+            kind,
+            entry.seq,
+            entry.created_at,
+            0,
+            "",
+        )
+        self._outbox[event.webhook_id] = _Outbox(event)
 
     def _fenced(self, claim: Claim) -> tuple[_Session, _Input]:
         item = self._inputs.get(claim.input_id)

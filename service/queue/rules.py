@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 
 from service.errors import BadRequest, Conflict, QueueFull
-from service.models import RUN_FAILED, MultitaskStrategy, SessionStatus
+from service.models import (
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    USER_INPUT_REQUESTED,
+    MultitaskStrategy,
+    SessionStatus,
+)
 
 # C0 controls (NUL included) and DEL. PostgreSQL's text cannot hold NUL at all, and a control character in an
 # id or a title is never what a client meant: refused everywhere, so every backend answers the same.
@@ -89,3 +96,21 @@ def targets(wanted_input_seq: int | None, input_seq: int) -> bool:
     """Whether a cancel aimed at ``wanted_input_seq`` (None: whatever runs) reaches the run of ``input_seq``: a
     cancel sent for one run never stops the next one (a double-clicked Cancel button)."""
     return wanted_input_seq is None or wanted_input_seq == input_seq
+
+
+def webhook_type(entry_type: str, metadata: dict[str, object]) -> str | None:
+    """The webhook event an appended entry makes (README "Webhooks"), or None: ``run_completed``,
+    ``run_cancelled``, a final ``run_failed`` (``retrying`` not true) and ``awaiting_input`` (a
+    ``UserInputRequestedEvent``). The SQL dialects mirror it in the ``entries_webhook`` trigger (migration 0010)."""
+    if entry_type == USER_INPUT_REQUESTED:
+        return "awaiting_input"
+    if entry_type in (RUN_COMPLETED, RUN_CANCELLED):
+        return entry_type
+    if entry_type == RUN_FAILED and metadata.get("retrying") is not True:
+        return entry_type
+    return None
+
+
+def webhook_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Backoff after failed delivery ``attempt`` (1-based): base, 2 x base, 4 x base, ... capped at max."""
+    return float(min(max_s, base_s * 2 ** min(attempt - 1, 60)))

@@ -28,11 +28,13 @@ from service.models import (
     NewEntry,
     Page,
     Session,
+    WebhookEvent,
     utcnow,
 )
 from service.queue import rules
 from service.queue import sqlite_ops as ops
 from service.queue import sqlite_queue as queue
+from service.queue import sqlite_webhooks as webhooks
 from service.queue.sqlite_conn import (
     FileLock,
     check_synchronous,
@@ -61,6 +63,7 @@ class SqliteStore:
         max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
         wal_limit_bytes: int = DEFAULT_WAL_LIMIT,
         wal_check_s: float = WAL_CHECK_S,
+        webhook_url: str | None = None,
     ) -> None:
         """``wal_limit_bytes``: the WAL is brought back under this size (checked every ``wal_check_s``) once no
         reader holds it (README "Storage and durability").
@@ -75,6 +78,7 @@ class SqliteStore:
         self.clock = clock
         self.max_interruptions = max_interruptions
         self.wal_limit_bytes = wal_limit_bytes
+        self.webhook_url = webhook_url  # the server default (README "Webhooks"), kept in webhook_default
         self._writer = Writer("sqlite-writer", path, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s)
         self._reader = Reader("sqlite-reader", path)
         # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
@@ -104,7 +108,10 @@ class SqliteStore:
             self._release_lock()
             raise
         self._writer.start()
+        default = self.webhook_url
+        await self._writer.write(lambda c: webhooks.set_default(c, default))
         if self.exclusive:
+            await self._writer.write(webhooks.release_all)
             now = self.clock()
             forever = now + timedelta(days=36500)
             cap = self.max_interruptions
@@ -164,11 +171,12 @@ class SqliteStore:
         title: str | None,
         *,
         multitask_strategy: str = MultitaskStrategy.ENQUEUE,
+        webhook_url: str | None = None,
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
         now, chosen = self.clock(), MultitaskStrategy(multitask_strategy)
         return await self._writer.write(
-            lambda c: ops.create_session(c, now, owner, session_id, team, title, chosen)
+            lambda c: ops.create_session(c, now, owner, session_id, team, title, chosen, webhook_url)
         )
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
@@ -317,6 +325,18 @@ class SqliteStore:
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         rules.check_labels(session_id=session_id)
         return (await self._reader.read(lambda c: ops.load_team_state(c, session_id)))[0]
+
+    # --- webhook outbox ---
+    async def claim_webhooks(self, lease_s: float, limit: int) -> list[WebhookEvent]:
+        now = self.clock()
+        return await self._writer.write(lambda c: webhooks.claim(c, now, lease_s, limit))
+
+    async def webhook_delivered(self, event: WebhookEvent) -> bool:
+        return await self._writer.write(lambda c: webhooks.delivered(c, event))
+
+    async def webhook_failed(self, event: WebhookEvent, delay_s: float | None) -> bool:
+        now = self.clock()
+        return await self._writer.write(lambda c: webhooks.failed(c, now, event, delay_s))
 
     async def counts(self) -> dict[str, int]:
         return await self._reader.read(queue.counts)

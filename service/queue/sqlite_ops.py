@@ -92,11 +92,14 @@ def create_session(
     team: str,
     title: str | None,
     multitask_strategy: str = "enqueue",
+    webhook_url: str | None = None,
 ) -> Session:
     sid = session_id or new_session_id()
     if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (sid,)).fetchone() is not None:
         raise Conflict(f"session {sid!r} already exists")
     db.execute(INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now), multitask_strategy))
+    if webhook_url is not None:
+        db.execute("UPDATE sessions SET webhook_url = ? WHERE session_id = ?", (webhook_url, sid))
     return Session(sid, owner, team, title, SessionStatus.IDLE, 0, now, now, multitask_strategy)
 
 

@@ -36,6 +36,12 @@ Rules every backend keeps:
   (equal JSON, key order and NUL characters included). The durable backends store it as a head plus append-only
   pieces (``state_pieces.py``, migration 0006) so a save writes what the run added, not the whole state: the
   bytes written per turn do not grow with the session. ``Claim.state_manifest`` carries what the claim read.
+* **Webhooks** (README "Webhooks"). Appending an entry that makes a webhook event (``rules.webhook_type``:
+  ``run_completed``, ``run_cancelled``, a final ``run_failed``, a ``UserInputRequestedEvent``), by ANY verb,
+  writes an outbox row in the same transaction when the session has a URL: its own (``create_session``'s
+  ``webhook_url``), else the server default the store was built with (``webhook_url`` constructor argument,
+  resolved when the entry is written; PostgreSQL: by the instance that writes it). The outbox verbs below
+  deliver them at least once: a claimed row is leased, and comes back after its lease expires (process died).
 * **Time** comes from the ``clock`` the backend was built with (tests pass a fake one).
 """
 
@@ -56,6 +62,7 @@ from service.models import (
     NewEntry,
     Page,
     Session,
+    WebhookEvent,
 )
 
 Clock = Callable[[], datetime]
@@ -92,9 +99,11 @@ class Store(Protocol):
         title: str | None,
         *,
         multitask_strategy: str = "enqueue",
+        webhook_url: str | None = None,
     ) -> Session:
         """Create an idle session. ``session_id=None`` generates one (``s_`` + 16 hex chars).
         ``multitask_strategy``: the session's default for messages that arrive while a run works.
+        ``webhook_url``: the session's own webhook URL (None: the server default; callers validate it).
         Raises Conflict when the id exists (whoever owns it)."""
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
@@ -246,6 +255,20 @@ class Store(Protocol):
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         """The team state saved by the last ``finish`` with a state, or None."""
+
+    # --- webhook outbox (README "Webhooks") ----------------------------------------------------------------
+    async def claim_webhooks(self, lease_s: float, limit: int) -> list[WebhookEvent]:
+        """Lease up to ``limit`` due outbox rows (pending, ``next_at`` passed, not leased or lease expired),
+        oldest first, for ``lease_s`` seconds under a fresh token; each claim counts an attempt
+        (``WebhookEvent.attempt``). Several processes at once never get the same row while its lease runs
+        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)."""
+
+    async def webhook_delivered(self, event: WebhookEvent) -> bool:
+        """The receiver took it: the row is deleted. False (nothing changed) when the lease was lost."""
+
+    async def webhook_failed(self, event: WebhookEvent, delay_s: float | None) -> bool:
+        """The attempt failed: due again ``delay_s`` from now (lease released), or, with None, given up (kept
+        as ``failed``, never claimed again). False (nothing changed) when the lease was lost."""
 
     async def counts(self) -> dict[str, int]:
         """Number of inputs by status (``queued``, ``running``), for metrics and tests."""

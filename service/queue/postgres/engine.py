@@ -47,8 +47,18 @@ class _Call:
 class Engine:
     """The pool (reads) and the writer (group-committed verb calls) of one PostgresStore."""
 
-    def __init__(self, dsn: str, offset: Offset, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        offset: Offset,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
         self.dsn = dsn
+        # Connection settings of every connection that writes (svc.webhook_url, migration 0010).
+        self.server_settings = server_settings or {}
         self.offset = offset
         self._min_size = min_size
         self._max_size = max_size
@@ -71,6 +81,7 @@ class Engine:
             max_size=self._max_size,
             init=init_connection,
             timeout=CONNECT_TIMEOUT_S,
+            server_settings=self.server_settings,
         )
         self._conn = await self._connect()
         self._task = asyncio.get_running_loop().create_task(self._batches.serve(self._run), name="pg-writer")
@@ -126,7 +137,9 @@ class Engine:
         return await future
 
     async def _connect(self) -> Any:
-        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
+        conn = await asyncpg.connect(
+            self.dsn, timeout=CONNECT_TIMEOUT_S, server_settings=self.server_settings
+        )
         try:
             await init_connection(conn)
         except BaseException:

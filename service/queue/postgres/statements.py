@@ -41,6 +41,29 @@ EXPIRE_SESSIONS = """WITH doomed AS (
   ORDER BY updated_at, session_id LIMIT $2
   FOR UPDATE SKIP LOCKED)
 DELETE FROM sessions s USING doomed d WHERE s.session_id = d.session_id RETURNING s.session_id"""
+# Webhook outbox (migration 0010). $1 lease_s, $2 limit, $3 the clock offset (seconds).
+CLAIM_WEBHOOKS = """WITH due AS (
+  SELECT id FROM webhook_outbox
+  WHERE status = 'pending' AND next_at <= now() + $3 * interval '1 second'
+    AND (lease_expires_at IS NULL OR lease_expires_at <= now() + $3 * interval '1 second')
+  ORDER BY id LIMIT $2
+  FOR UPDATE SKIP LOCKED)
+UPDATE webhook_outbox o
+SET attempts = o.attempts + 1,
+    lease_token = md5(random()::text || clock_timestamp()::text || o.id::text),
+    lease_expires_at = now() + ($3 + $1) * interval '1 second'
+FROM due WHERE o.id = due.id
+RETURNING o.id, o.webhook_id, o.url, o.session_id, o.run_id, o.input_seq, o.type, o.seq, o.created_at,
+          o.attempts, o.lease_token"""
+WEBHOOK_DELIVERED = """DELETE FROM webhook_outbox WHERE webhook_id = $1 AND lease_token = $2 AND status = 'pending'
+RETURNING id"""
+# $3 delay in seconds (NULL: give up), $4 the clock offset.
+WEBHOOK_FAILED = """UPDATE webhook_outbox
+SET status = CASE WHEN $3::float8 IS NULL THEN 'failed' ELSE 'pending' END,
+    next_at = CASE WHEN $3::float8 IS NULL THEN next_at
+                   ELSE now() + ($4 + $3::float8) * interval '1 second' END,
+    lease_token = NULL, lease_expires_at = NULL
+WHERE webhook_id = $1 AND lease_token = $2 AND status = 'pending' RETURNING id"""
 LIST_SESSIONS = f"SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY updated_at DESC, session_id"
 # The head and the pieces of the saved state (migration 0006), in one statement (one snapshot).
 LOAD_STATE = "SELECT team_state, svc_pieces(session_id) AS pieces FROM sessions WHERE session_id = $1"

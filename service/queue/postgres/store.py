@@ -40,6 +40,7 @@ from service.models import (
     PartialReason,
     Session,
     SessionStatus,
+    WebhookEvent,
     interruption,
     message_ids,
     new_lease_token,
@@ -82,14 +83,18 @@ class PostgresStore:
         min_size: int = 1,
         max_size: int = 10,
         max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
+        webhook_url: str | None = None,
     ) -> None:
         """``db_clock_offset``: seconds added to the database's clock (tests move it as they move ``clock``;
-        None in production: the database's clock as it is)."""
+        None in production: the database's clock as it is). ``webhook_url``: the server default webhook URL,
+        given to every connection as the setting ``svc.webhook_url`` that the outbox trigger reads (migration
+        0010), so it is resolved when an entry is written, by the instance that writes it."""
         self._dsn = dsn
         self._clock = clock
         self._max_interruptions = max_interruptions
         offset = db_clock_offset or _no_offset
-        self.engine = Engine(dsn, offset, min_size=min_size, max_size=max_size)
+        settings = {"svc.webhook_url": webhook_url or ""}
+        self.engine = Engine(dsn, offset, min_size=min_size, max_size=max_size, server_settings=settings)
         self.instance_id = uuid.uuid4().hex[:12]
         self.notifier = Notifier(dsn, self.instance_id, offset, self._recent_sessions)
         self._outbox = Outbox(self.engine.notify, self.instance_id)
@@ -161,12 +166,13 @@ class PostgresStore:
         title: str | None,
         *,
         multitask_strategy: str = MultitaskStrategy.ENQUEUE,
+        webhook_url: str | None = None,
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
         sid = session_id if session_id is not None else new_session_id()
         chosen = MultitaskStrategy(multitask_strategy)
         op = {"op": "create_session", "session": sid, "owner": owner, "team": team, "title": title}
-        done = await self._call({**op, "multitask_strategy": chosen.value})
+        done = await self._call({**op, "multitask_strategy": chosen.value, "webhook_url": webhook_url})
         at = q.from_us(done["at"])
         return Session(sid, owner, team, title, SessionStatus.IDLE, 0, at, at, chosen.value)
 
@@ -514,6 +520,37 @@ class PostgresStore:
         except NotFound:
             return None
         return self._ended(session_id, entry, None, done)
+
+    # --- webhook outbox (on a pool connection: short statements, never through the writer) -----------------
+    async def claim_webhooks(self, lease_s: float, limit: int) -> list[WebhookEvent]:
+        async with self.engine.conn() as conn:
+            rows = await conn.fetch(q.CLAIM_WEBHOOKS, float(lease_s), max(0, limit), self.engine.offset())
+        return [
+            WebhookEvent(
+                r["webhook_id"],
+                r["url"],
+                r["session_id"],
+                r["run_id"],
+                r["input_seq"],
+                r["type"],
+                r["seq"],
+                r["created_at"],
+                r["attempts"],
+                r["lease_token"],
+            )
+            for r in sorted(rows, key=lambda r: int(r["id"]))
+        ]
+
+    async def webhook_delivered(self, event: WebhookEvent) -> bool:
+        async with self.engine.conn() as conn:
+            row = await conn.fetchrow(q.WEBHOOK_DELIVERED, event.webhook_id, event.lease_token)
+        return row is not None
+
+    async def webhook_failed(self, event: WebhookEvent, delay_s: float | None) -> bool:
+        offset = self.engine.offset()
+        async with self.engine.conn() as conn:
+            row = await conn.fetchrow(q.WEBHOOK_FAILED, event.webhook_id, event.lease_token, delay_s, offset)
+        return row is not None
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.conn() as conn:
