@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
+from tests.server import start_server
 from tests.web import durable, make_config, receive_until
 
 Client = TestClient[Any, web.Application]
@@ -156,3 +158,48 @@ async def test_a_cancel_aimed_at_one_run_never_stops_the_next(client: Client) ->
     bad = await client.post("/sessions/s5/cancel", json={"input_seq": -1})
     assert bad.status == 400
     await ws.close()
+
+
+@pytest.mark.slow
+async def test_double_texting_against_a_real_server_process_and_a_restart(tmp_path: Any) -> None:
+    """A real `python -m service serve` (SQLite file): rollback stops the run, survives a SIGKILL right after its
+    202, and the message then runs as if the rolled-back turn never happened."""
+    server = start_server(tmp_path)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def post_real(content: str, **fields: Any) -> dict[str, Any]:
+                body = {"content": content, **fields}
+                async with http.post(f"{server.url}/sessions/p/messages", json=body) as response:
+                    assert response.status == 202
+                    answer: dict[str, Any] = await response.json()
+                    return answer
+
+            async def entries() -> list[Frame]:
+                async with http.get(f"{server.url}/sessions/p/messages?limit=1000") as response:
+                    page: dict[str, Any] = await response.json()
+                    return list(page["messages"])
+
+            async def until(check: Callable[[list[Frame]], bool]) -> list[Frame]:
+                async with http.ws_connect(server.ws_url + "?session_id=p") as ws:
+                    async for _ in ws:  # every frame is a reason to look again (no polling interval)
+                        log_now = await entries()
+                        if check(log_now):
+                            return log_now
+                raise AssertionError("the socket closed first")
+
+            await post_real("first")
+            await until(lambda log: [e["type"] for e in log].count("run_completed") == 1)
+            await post_real("[[sleep:30]] the long one")
+            await until(lambda log: [e["type"] for e in log].count("run_started") == 2)
+            queued = await post_real("the new one", multitask_strategy="rollback")
+            server.restart()  # SIGKILL right after the 202: the rollback message is durable
+            log = await until(lambda log: [e["type"] for e in log].count("run_completed") == 2)
+        ends = [e for e in log if e["type"] in ("run_cancelled", "run_completed")]
+        assert ends[-1]["input_seq"] == queued["seq"]
+        assert "the new one" in replies(log)[-1] and replies(log)[-1].endswith("[context: 2]")
+        assert all(
+            e["input_seq"] != 5 or e["type"] != "run_completed" for e in ends
+        )  # the long one never completes
+    finally:
+        server.stop()
