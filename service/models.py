@@ -345,18 +345,20 @@ def interruption(
     *,
     waiting_for_human: bool = False,
     cancel_requested: bool = False,
+    rolled_back: bool = False,
 ) -> tuple[NewEntry, bool, bool]:
     """What lease recovery writes for a run that died with its process, decided here for every backend:
     ``(entry, final, counted)``.
 
-    * Asked to stop before it died: it ends with ``run_cancelled`` (a cancel is never undone).
+    * Asked to stop before it died: it ends with ``run_cancelled`` (a cancel is never undone), marked
+      ``rolled_back`` when a rollback message asked (README "Double-texting").
     * Below ``max_interruptions`` deaths (``interruptions``: earlier ones) it is queued again (``run_interrupted``);
       at the cap it ends with a final ``run_failed``, so a message that kills the process cannot re-queue itself
       forever. ``max_interruptions`` 0 means no cap.
     * A run that was only waiting for a human when the process died is not counted (``counted`` False): the
       message crashed nothing."""
     if cancel_requested:
-        return retry_cancelled(input_seq, attempt), True, False
+        return retry_cancelled(input_seq, attempt, rolled_back=rolled_back), True, False
     if waiting_for_human:
         return interrupted(input_seq, attempt), False, False
     died = interruptions + 1
@@ -372,12 +374,13 @@ def interruption(
     return final, True, True
 
 
-def retry_cancelled(input_seq: int, attempt: int) -> NewEntry:
+def retry_cancelled(input_seq: int, attempt: int, *, rolled_back: bool = False) -> NewEntry:
     """The ``run_cancelled`` of an input whose run was asked to stop but did not get to write it (it waited to be
-    retried, or its process died)."""
-    return lifecycle(
-        RUN_CANCELLED, "Run cancelled (its pending retry will not run).", input_seq=input_seq, attempt=attempt
-    )
+    retried, or its process died); ``rolled_back`` as a rollback's (README "Double-texting")."""
+    details: dict[str, Any] = {"input_seq": input_seq, "attempt": attempt}
+    if rolled_back:
+        details["rolled_back"] = True
+    return lifecycle(RUN_CANCELLED, "Run cancelled (its pending retry will not run).", **details)
 
 
 def team_reset() -> NewEntry:

@@ -197,6 +197,8 @@ async def test_double_texting_against_a_real_server_process_and_a_restart(tmp_pa
             log = await until(lambda log: [e["type"] for e in log].count("run_completed") == 2)
         ends = [e for e in log if e["type"] in ("run_cancelled", "run_completed")]
         assert ends[-1]["input_seq"] == queued["seq"]
+        [cancelled] = [e for e in ends if e["type"] == "run_cancelled"]
+        assert cancelled["rolled_back"] is True  # written by the run, or by recovery after the SIGKILL
         assert "the new one" in replies(log)[-1] and replies(log)[-1].endswith("[context: 2]")
         assert all(
             e["input_seq"] != 5 or e["type"] != "run_completed" for e in ends

@@ -1030,6 +1030,18 @@ async def test_reset_waits_for_a_pending_retry_to_end(store: Store, clock: FakeC
     assert await store.reset_team_state(ALICE, "s1") is not None
 
 
+async def test_recovery_marks_a_rolled_back_run(store: Store, clock: FakeClock) -> None:
+    """A run asked to stop by a rollback message that dies first: recovery's run_cancelled says rolled_back."""
+    await store.enqueue(ALICE, "s1", "long", None)
+    claim = await claim_one(store, lease_s=10)
+    await store.enqueue(ALICE, "s1", "instead", None, strategy="rollback")
+    assert (await store.request_cancel(ALICE, "s1")).running
+    clock.advance(11)
+    [cancelled] = await store.recover_expired()
+    assert (cancelled.type, cancelled.run_id) == (RUN_CANCELLED, claim.run_id)
+    assert cancelled.to_json()["rolled_back"] is True
+
+
 # --- owners ---------------------------------------------------------------------------------------
 async def test_owner_isolation_on_every_owner_verb(store: Store) -> None:
     await store.create_session(ALICE, "s1", "default", "private")

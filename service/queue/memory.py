@@ -465,6 +465,10 @@ class MemoryStore:
                     self._max_interruptions,
                     waiting_for_human=row.awaiting,
                     cancel_requested=item.cancel,
+                    rolled_back=any(
+                        i > item.input_id and self._inputs[i].strategy == MultitaskStrategy.ROLLBACK
+                        for i in row.pending
+                    ),
                 )
                 if final:
                     out.append(_copy_entry(self._end(row, item, entry, item.run_id)))

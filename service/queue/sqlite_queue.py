@@ -290,10 +290,12 @@ def recover_expired(
     """Re-queue (or, at the interruption cap, end) running inputs whose lease expired before ``cutoff``."""
     # No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the lease index.
     sql = """SELECT i.id, i.session_id, i.input_seq, i.attempt, i.run_id, i.lease_token, i.interruptions,
-    i.cancel_requested, s.status FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
+    i.cancel_requested, s.status, EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id
+      AND r.status = 'queued' AND r.strategy = 'rollback' AND r.id > i.id)
+    FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
     WHERE i.status = 'running' AND i.lease_expires_at < ?"""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token, died, stop, status in sorted(
+    for input_id, session_id, input_seq, attempt, run_id, token, died, stop, status, rollback in sorted(
         db.execute(sql, ((cutoff or now).timestamp(),))
     ):
         draft = read_draft(db, session_id)
@@ -310,6 +312,7 @@ def recover_expired(
             max_interruptions,
             waiting_for_human=waiting,
             cancel_requested=bool(stop),
+            rolled_back=bool(rollback),
         )
         if final:  # at the cap, or asked to stop before it died: it ends here
             db.execute(DONE, (input_id, token))

@@ -79,7 +79,8 @@ COUNTS = "SELECT status, count(*) AS n FROM inputs WHERE status IN ('queued', 'r
 # recover_expired: candidates by the database's clock; svc_requeue re-checks each under its session lock.
 EXPIRED = """
 SELECT i.id, i.session_id, i.input_seq, i.attempt, i.run_id, i.lease_token, i.interruptions, i.cancel_requested,
-       s.status
+       s.status, EXISTS (SELECT 1 FROM inputs r WHERE r.session_id = i.session_id AND r.status = 'queued'
+                         AND r.strategy = 'rollback' AND r.id > i.id) AS rollback
 FROM inputs i JOIN sessions s ON s.session_id = i.session_id
 WHERE i.status = 'running' AND i.lease_expires_at < now() + $1::float8 * interval '1 second' ORDER BY i.id"""
 # Double-texting: a rollback message waits behind the run (README "Double-texting").

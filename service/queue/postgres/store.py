@@ -446,6 +446,7 @@ class PostgresStore:
                 self._max_interruptions,
                 waiting_for_human=row["status"] == SessionStatus.AWAITING_INPUT.value,
                 cancel_requested=bool(row["cancel_requested"]),
+                rolled_back=bool(row["rollback"]),
             )
             stop = retry_cancelled(row["input_seq"], row["attempt"])
             op = {
