@@ -2,7 +2,7 @@
 durable outbox (the rows are written with their entries; ``Store.claim_webhooks`` and friends deliver them).
 
 At least once: a row is deleted only after the receiver answered 2xx; a failed attempt is due again after an
-exponential backoff (``rules.webhook_delay``) until ``webhook_max_attempts``, then kept as ``failed``; a process
+exponential backoff (``RetryPolicy.delay_s``, as for runs) until ``webhook_max_attempts``, then kept as ``failed``; a process
 that dies mid-delivery leaves a lease that expires (SQLite: released at the next start), so the event is sent
 again, with the same ``webhook-id``. Receivers deduplicate by ``webhook-id``.
 """
@@ -28,6 +28,7 @@ from service import keys
 from service.errors import BadRequest, ServiceError
 from service.models import WebhookEvent
 from service.queue import rules
+from service.queue.retry import RetryPolicy
 from service.queue.store import Store
 
 log = logging.getLogger("service.webhooks")
@@ -137,8 +138,7 @@ class Deliverer:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.max_attempts = max_attempts
-        self.base_delay_s = base_delay_s
-        self.max_delay_s = max_delay_s
+        self.backoff = RetryPolicy(max_attempts, base_delay_s, max_delay_s)
         self.timeout_s = timeout_s
         self.allow_private = allow_private
         self._http: aiohttp.ClientSession | None = None
@@ -175,7 +175,7 @@ class Deliverer:
                 self.metrics.webhook_delivery("delivered")
             return
         give_up = outcome == "refused" or event.attempt >= self.max_attempts
-        delay = None if give_up else rules.webhook_delay(event.attempt, self.base_delay_s, self.max_delay_s)
+        delay = None if give_up else self.backoff.delay_s(event.attempt)
         if not await self.store.webhook_failed(event, delay):
             return  # our lease ran out meanwhile: whoever holds it now decides
         label = "gave_up" if give_up else "failed"

@@ -109,8 +109,3 @@ def webhook_type(entry_type: str, metadata: dict[str, object]) -> str | None:
     if entry_type == RUN_FAILED and metadata.get("retrying") is not True:
         return entry_type
     return None
-
-
-def webhook_delay(attempt: int, base_s: float, max_s: float) -> float:
-    """Backoff after failed delivery ``attempt`` (1-based): base, 2 x base, 4 x base, ... capped at max."""
-    return float(min(max_s, base_s * 2 ** min(attempt - 1, 60)))
