@@ -360,3 +360,52 @@ async def test_two_instances_claiming_webhooks_at_once_share_no_event(pg_url: st
         ids = [e.webhook_id for e in got_a + got_b + rest]
         assert len(ids) == len(set(ids)) == 12
         assert {e.session_id for e in got_a + got_b + rest} == {f"w{n}" for n in range(12)}
+
+
+async def deadlocks_in(url: str) -> int:
+    """Deadlocks PostgreSQL detected in ``url``'s database, once every backend of it has ended (a backend
+    reports its statistics when it ends; pg_terminate_backend with a timeout waits for that)."""
+    name = url.rsplit("/", 1)[1]
+    ms = int(WAIT_S * 1000)
+    await admin("SELECT pg_terminate_backend(pid, $2) FROM pg_stat_activity WHERE datname = $1", name, ms)
+    [row] = await admin("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", name)
+    return int(row["deadlocks"])
+
+
+async def test_instances_writing_at_once_never_deadlock(pg_url: str, clock: FakeClock) -> None:
+    """Two instances' group commits lock sessions in one order, claims included: a claim locks the session it
+    picks (SKIP LOCKED, never waiting) AFTER the batch's other calls locked theirs, so two batches never wait on
+    each other in a cycle. (A deadlock is not lost work, the batch is replayed, but PostgreSQL takes
+    deadlock_timeout, 1 s, to see it: two instances ran slower than one.)"""
+    sessions, per_session, claimers_per_instance = 32, 8, 16
+    total = sessions * per_session
+    done = 0
+
+    async def produce(store: PostgresStore, s: int) -> None:
+        for n in range(per_session):
+            await store.enqueue(OWNER, f"s{s}", f"input {n}", f"s{s}-{n}")
+
+    async def claimer(store: PostgresStore, name: str) -> None:
+        nonlocal done
+        while done < total:
+            claim = await store.claim(name, LEASE_S)
+            if claim is None:
+                await store.wait_for_work(0.05)
+                continue
+            await store.append(claim, [said("working")])
+            await store.finish(claim, lifecycle(RUN_COMPLETED, "done"), {"turn": claim.input_seq})
+            done += 1
+
+    before = await deadlocks_in(pg_url)
+    async with instances(pg_url, clock) as (a, b):
+        async with asyncio.timeout(60):
+            await asyncio.gather(
+                *(produce(a if s % 2 else b, s) for s in range(sessions)),
+                *(
+                    claimer(store, f"{n}{i}")
+                    for store, n in ((a, "a"), (b, "b"))
+                    for i in range(claimers_per_instance)
+                ),
+            )
+        assert await a.counts() == {"queued": 0, "running": 0}
+    assert await deadlocks_in(pg_url) == before

@@ -1,8 +1,8 @@
 """PostgreSQL connections: a pool for reads, and ONE writer connection that group-commits.
 
 Group commit (README "Deploying on PostgreSQL"): every write verb is one call ``{"op": ..., ...}`` of an SQL
-function. The writer takes every call waiting, sorts them by session (one lock order for every instance, so
-batches do not deadlock each other), and runs them in ONE statement, ``svc_batch``: one round trip, one
+function. The writer takes every call waiting, puts them in the one lock order (``lock_order``: so batches of
+several writers and instances never deadlock each other), and runs them in ONE statement, ``svc_batch``: one round trip, one
 transaction, one WAL flush. Each caller is answered only after that statement returned, i.e. after COMMIT:
 nothing is acknowledged before it is durable. A verb that breaks a rule answers ``{"err": ...}`` and writes
 nothing; if the statement fails for another reason (a value the database refuses, a deadlock), nothing of it
@@ -39,7 +39,7 @@ MAX_BATCH = 256  # bounds one transaction's locks and the wait of its first call
 
 @dataclass(slots=True)
 class _Call:
-    session: str  # the lock order within a batch
+    session: str | None  # the session the call names (its lock), None for a claim (it picks one)
     body: bytes  # the call as JSON
     future: asyncio.Future[Any]
 
@@ -133,7 +133,7 @@ class Engine:
         except orjson.JSONEncodeError as exc:
             raise BadRequest(f"the database cannot store this value: {exc}") from exc
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._batches.add(_Call(str(op.get("session") or ""), body, future))
+        self._batches.add(_Call(op.get("session"), body, future))
         return await future
 
     async def _connect(self) -> Any:
@@ -148,7 +148,7 @@ class Engine:
         return conn
 
     async def _run(self, batch: list[_Call]) -> None:
-        batch.sort(key=lambda c: c.session)  # stable: one session's calls keep their order
+        batch.sort(key=lock_order)  # stable: one session's calls keep their order
         try:
             answers = await self._execute(batch)
         except asyncio.CancelledError:
@@ -200,6 +200,17 @@ class Engine:
     def _drop_if_broken(self) -> None:
         if self._conn is not None and self._conn.is_closed():
             self._conn = None
+
+
+def lock_order(call: _Call) -> tuple[bool, str]:
+    """The one order in which every batch takes its session locks: calls naming a session by session id, then
+    the calls that name none (a claim locks the session it picks, with SKIP LOCKED, so it never waits).
+
+    Why it cannot deadlock: a batch only ever waits while taking the named sessions, in ascending order, holding
+    only smaller ones; a claim's lock is taken after those and never waited for. Two batches waiting on each
+    other would each hold a session smaller than the one it waits for, which the other holds: impossible. (With
+    claims first, a claim could hold a session a later call of its batch and another batch both wanted.)"""
+    return (call.session is None, call.session or "")
 
 
 def _error(exc: BaseException) -> ServiceError:
