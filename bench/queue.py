@@ -1,13 +1,16 @@
 """Queue benchmark: enqueue -> claim -> append -> finish through the Store contract, per backend.
 
-Usage: python bench/queue.py [--sessions 64] [--inputs 2048] [--workers 64] [--pg postgresql://...]
+Usage: python bench/queue.py [--sessions 64] [--inputs 2048] [--workers 64] [--pg postgresql://... | --no-pg]
 
 Every input makes four durable log entries (the user's message, run_started, one agent message, run_completed)
 and four write calls (enqueue, claim with its run_started, one append, finish), as the worker's runner does. Producers (one per
 session) and workers run concurrently. The same run measures this machine's raw fsync rate, the ceiling of a
 store that commits once per message: the last line compares SQLite FULL (group commit) with it.
 
-Add a backend by adding a row to BACKENDS (``--pg URL`` adds a PostgreSQL row; use a throwaway database).
+Add a backend by adding a row to BACKENDS. PostgreSQL: without ``--pg``, a throwaway database is created (and
+dropped) when PostgreSQL answers on 127.0.0.1:5432; ``--pg URL`` uses that (throwaway) database instead. With a
+PostgreSQL row, the last line compares it with SQLite FULL, measured in the same run:
+``ratio postgresql/sqlite_full durable_msgs_per_s = X.XX`` (README "Deploying on PostgreSQL").
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from pathlib import Path
 # Run as a script, Python puts bench/ first on sys.path, where this file would shadow the standard library's
 # ``queue`` (which asyncio's thread pools import). Put the project root there instead.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if p and Path(p).resolve() != _HERE)]
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if p and Path(p).resolve() != _HERE), str(_HERE)]
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from contextlib import AsyncExitStack  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+
+from e2e import pg_answers, throwaway_pg_database  # noqa: E402
 
 from service.models import RUN_COMPLETED, NewEntry, lifecycle  # noqa: E402
 from service.queue import Store, open_store  # noqa: E402
@@ -152,9 +158,17 @@ def table(results: list[Result], fsyncs: float) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
+    async with AsyncExitStack() as stack:
+        pg = args.pg
+        if pg is None and not args.no_pg and pg_answers():
+            pg = await stack.enter_async_context(throwaway_pg_database())
+        await measure(args, pg)
+
+
+async def measure(args: argparse.Namespace, pg: str | None) -> None:
     backends = list(BACKENDS)
-    if args.pg:
-        backends.append(Backend("postgresql", args.pg))
+    if pg:
+        backends.append(Backend("postgresql", pg))
     per_session = max(1, args.inputs // args.sessions)
     results: list[Result] = []
     fsyncs: list[float] = []
@@ -173,6 +187,11 @@ async def main(args: argparse.Namespace) -> None:
     print(table(best, fsync))
     full = next(r for r in best if r.label == "sqlite FULL")
     print(f"ratio sqlite_full/fsync = {full.messages_per_s / fsync:.2f}")
+    postgres = next((r for r in best if r.label == "postgresql"), None)
+    if postgres is not None:
+        print(
+            f"ratio postgresql/sqlite_full durable_msgs_per_s = {postgres.messages_per_s / full.messages_per_s:.2f}"
+        )
 
 
 def parse_args() -> argparse.Namespace:
@@ -181,7 +200,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inputs", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=64, help="concurrent worker coroutines")
     parser.add_argument("--repeat", type=int, default=3, help="runs per backend; the best one is shown")
-    parser.add_argument("--pg", metavar="URL", help="also run on this (throwaway) PostgreSQL database")
+    parser.add_argument(
+        "--pg", metavar="URL", help="a throwaway PostgreSQL database (default: auto, see above)"
+    )
+    parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     return parser.parse_args()
 
 

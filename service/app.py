@@ -39,6 +39,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         max_interruptions=config.max_interruptions,
         sqlite_wal_limit_mb=config.sqlite_wal_limit_mb,
         webhook_url=config.webhook_url or None,
+        pg_writers=config.pg_writers,
     )
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(buffer_size=config.send_buffer, on_publish=app[keys.METRICS].entries_appended.inc)

@@ -69,6 +69,12 @@ SETTINGS: tuple[Setting, ...] = (
         " it, checked every few seconds",
     ),
     Setting(
+        "pg_writers",
+        2,
+        "PostgreSQL: connections that group-commit writes at once (the database works on their batches in"
+        " parallel)",
+    ),
+    Setting(
         "lease_s",
         30.0,
         "seconds a claimed input stays leased without a heartbeat before another worker may recover it",
@@ -157,6 +163,7 @@ class Config:
     auth: str = "none"
     sqlite_synchronous: str = "FULL"
     sqlite_wal_limit_mb: int = 64
+    pg_writers: int = 2
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
     poll_interval_s: float = 1.0
@@ -209,6 +216,7 @@ class Config:
             "max_page",
             "send_buffer",
             "sqlite_wal_limit_mb",
+            "pg_writers",
             "webhook_max_attempts",
         ):
             if getattr(self, name) < 1:

@@ -31,13 +31,15 @@ def open_store(
     sqlite_wal_limit_mb: int = 64,
     db_clock_offset: Callable[[], float] | None = None,
     webhook_url: str | None = None,
+    pg_writers: int = 2,
 ) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
     ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore).
     ``max_interruptions``: deaths of the process while running one input before recovery ends it (0: no cap).
     ``db_clock_offset``: PostgreSQL judges time by the database's clock (README "Deploying on PostgreSQL");
     tests that drive ``clock`` by hand pass the seconds to add to it (None: none).
-    ``webhook_url``: the server default webhook URL for sessions without their own (README "Webhooks")."""
+    ``webhook_url``: the server default webhook URL for sessions without their own (README "Webhooks").
+    ``pg_writers``: PostgreSQL connections that group-commit at once (README "Deploying on PostgreSQL")."""
     if url.startswith("memory://"):
         from service.queue.memory import MemoryStore
 
@@ -51,6 +53,7 @@ def open_store(
             db_clock_offset=db_clock_offset,
             max_interruptions=max_interruptions,
             webhook_url=webhook_url,
+            writers=pg_writers,
         )
     if url.startswith("sqlite://"):
         # As in SQLAlchemy: sqlite:///rel/path is relative, sqlite:////abs/path is absolute.

@@ -1,6 +1,10 @@
-"""The group-commit queue both SQL writers share (README "Storage and durability"): callers add calls, one
-task hands them over in batches of at most ``max_batch``, and a closing queue finishes what was added first.
-What a batch does (one SQLite transaction, one PostgreSQL statement) is the writer's own ``run``.
+"""The group-commit queue both SQL writers share (README "Storage and durability"): callers add calls, the
+serving tasks hand them over in batches of at most ``max_batch``, and a closing queue finishes what was added
+first. What a batch does (one SQLite transaction, one PostgreSQL statement) is the writer's own ``run``.
+
+Several tasks may serve one queue (PostgreSQL's ``pg_writers``): calls that arrive together are then shared
+among the tasks that are free, cut in ``order`` (the lock order) so that a session's calls stay in one batch,
+and the database works on the batches at once instead of one task taking everything while the others idle.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ class Batches(Generic[C]):
     """A plain list and an Event rather than an asyncio.Queue: the writer takes everything at once anyway, and
     this is on the path of every write."""
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, order: Callable[[C], Any] | None = None) -> None:
         self.max_batch = max_batch
+        self.order = order
         self.pending: list[C] = []
         self.closing = False
         self._wake = asyncio.Event()
+        self._servers = 0  # tasks serving this queue
+        self._running = 0  # of which are running a batch
 
     def add(self, call: C) -> None:
         self.pending.append(call)
@@ -48,20 +55,43 @@ class Batches(Generic[C]):
     ) -> None:
         """Run batches until closed. ``tick`` (housekeeping between transactions) runs after every batch and,
         with ``every_s``, also when nothing was written for that long."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every_s):
-                    await self._wake.wait()
-            self._wake.clear()
-            while self.pending:
-                batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
-                await run(batch)
+        self._servers += 1
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(every_s):
+                        await self._wake.wait()
+                self._wake.clear()
+                while self.pending:
+                    batch = self._take()
+                    self._running += 1
+                    try:
+                        await run(batch)
+                    finally:
+                        self._running -= 1
+                    if tick is not None:
+                        await tick()
+                if self.closing:
+                    return
                 if tick is not None:
                     await tick()
-            if self.closing:
-                return
-            if tick is not None:
-                await tick()
+        finally:
+            self._servers -= 1
+
+    def _take(self) -> list[C]:
+        """This task's share of the calls waiting: an equal part for every free task (in ``order``), at most
+        ``max_batch``. A lone task takes everything, as before."""
+        if self.order is not None and self._servers > 1:
+            self.pending.sort(key=self.order)  # stable: one session's calls keep their order
+        pending, free = self.pending, max(1, self._servers - self._running)
+        size = min(self.max_batch, -(-len(pending) // free))
+        if self.order is not None:  # cut between sessions, not inside one
+            while size < min(self.max_batch, len(pending)) and self.order(pending[size]) == self.order(
+                pending[size - 1]
+            ):
+                size += 1
+        batch, self.pending = pending[:size], pending[size:]
+        return batch
 
 
 def fail(batch: Iterable[_HasFuture], error: StoreUnavailable) -> None:

@@ -1,4 +1,4 @@
-"""PostgreSQL connections: a pool for reads, and ONE writer connection that group-commits.
+"""PostgreSQL connections: a pool for reads, and ``writers`` writer connections that group-commit.
 
 Group commit (README "Deploying on PostgreSQL"): every write verb is one call ``{"op": ..., ...}`` of an SQL
 function. The writer takes every call waiting, puts them in the one lock order (``lock_order``: so batches of
@@ -8,11 +8,18 @@ nothing is acknowledged before it is durable. A verb that breaks a rule answers 
 nothing; if the statement fails for another reason (a value the database refuses, a deadlock), nothing of it
 was committed and the batch is run again one call per statement, so only the failing call fails. A lost
 connection fails the whole batch with StoreUnavailable; the next batch reconnects.
+
+Several writers (``pg_writers``, default 2): each takes the calls waiting when it is free, so while one batch
+runs in the database the next one is already being gathered and sent on another connection, and the database
+works on both at once (it is one process per connection). The lock order is what makes that safe: batches of
+two writers are no different from batches of two instances. A caller has one call in flight at a time, so
+one caller's calls still commit in the order it made them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,6 +42,7 @@ from service.queue.postgres.schema import init_connection
 
 Offset = Callable[[], float]  # seconds added to the database's clock (0 in production; tests move it)
 MAX_BATCH = 256  # bounds one transaction's locks and the wait of its first caller
+DEFAULT_WRITERS = 2
 
 
 @dataclass(slots=True)
@@ -54,8 +62,10 @@ class Engine:
         *,
         min_size: int = 1,
         max_size: int = 10,
+        writers: int = DEFAULT_WRITERS,
         server_settings: dict[str, str] | None = None,
     ) -> None:
+        """``writers``: connections that run batches at once (at least 1)."""
         self.dsn = dsn
         # Connection settings of every connection that writes (svc.webhook_url, migration 0010).
         self.server_settings = server_settings or {}
@@ -63,9 +73,9 @@ class Engine:
         self._min_size = min_size
         self._max_size = max_size
         self._pool: Any = None
-        self._conn: Any = None  # the writer's connection
-        self._batches: Batches[_Call] = Batches(MAX_BATCH)
-        self._task: asyncio.Task[None] | None = None
+        self._conns: list[Any] = [None] * max(1, writers)  # the writers' connections
+        self._batches: Batches[_Call] = Batches(MAX_BATCH, order=lock_order)
+        self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0  # statements the writer ran (commits, when they succeed)
         self.calls = 0
 
@@ -83,17 +93,21 @@ class Engine:
             timeout=CONNECT_TIMEOUT_S,
             server_settings=self.server_settings,
         )
-        self._conn = await self._connect()
-        self._task = asyncio.get_running_loop().create_task(self._batches.serve(self._run), name="pg-writer")
+        self._conns = [await self._connect() for _ in self._conns]
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._batches.serve(functools.partial(self._run, n)), name=f"pg-writer-{n}")
+            for n in range(len(self._conns))
+        ]
 
     async def close(self) -> None:
         """Stop taking calls, run (or fail) those already waiting, then close every connection."""
         self._batches.close()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        conn, self._conn = self._conn, None
-        await close_connection(conn)
+        tasks, self._tasks = self._tasks, []
+        await asyncio.gather(*tasks)
+        conns, self._conns = self._conns, [None] * len(self._conns)
+        for conn in conns:
+            await close_connection(conn)
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -126,7 +140,7 @@ class Engine:
     # --- writes -------------------------------------------------------------------------------------------------
     async def call(self, op: dict[str, Any]) -> Any:
         """Run one verb call in the next group commit; its answer once that commit is durable."""
-        if self._batches.closing or self._task is None or self._task.done():
+        if self._batches.closing or not self._tasks or all(task.done() for task in self._tasks):
             raise StoreUnavailable("the store is closed")
         try:  # here, so a value JSON cannot carry fails this call only
             body = orjson.dumps(op)
@@ -147,10 +161,10 @@ class Engine:
             raise
         return conn
 
-    async def _run(self, batch: list[_Call]) -> None:
+    async def _run(self, writer: int, batch: list[_Call]) -> None:
         batch.sort(key=lock_order)  # stable: one session's calls keep their order
         try:
-            answers = await self._execute(batch)
+            answers = await self._execute(writer, batch)
         except asyncio.CancelledError:
             fail(batch, StoreUnavailable("the PostgreSQL writer was cancelled mid-commit"))
             raise
@@ -167,39 +181,41 @@ class Engine:
             else:
                 call.future.set_result(answer)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        """The answers of one batch (an exception in place of a failed call's answer)."""
+    async def _execute(self, writer: int, batch: list[_Call]) -> list[Any]:
+        """The answers of one batch on connection ``writer`` (an exception in place of a failed call's answer)."""
         try:
-            conn = await self._writer_conn()
+            conn = await self._writer_conn(writer)
             calls = b"[" + b",".join(c.body for c in batch) + b"]"
             answers: list[Any] = await conn.fetchval(q.BATCH, calls.decode(), self.offset())
             return answers
         except DRIVER_ERRORS as exc:
             if connection_lost(exc) or len(batch) == 1:
-                self._drop_if_broken()
+                self._drop_if_broken(writer)
                 return [_error(exc) for _ in batch]
         # The statement was refused and nothing of it committed: one call per statement, so only the failing
         # call fails.
         out: list[Any] = []
         for call in batch:
             try:
-                conn = await self._writer_conn()
+                conn = await self._writer_conn(writer)
                 [answer] = await conn.fetchval(q.BATCH, "[" + call.body.decode() + "]", self.offset())
                 out.append(answer)
             except DRIVER_ERRORS as exc:
-                self._drop_if_broken()
+                self._drop_if_broken(writer)
                 out.append(_error(exc))
         return out
 
-    async def _writer_conn(self) -> Any:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = None
-            self._conn = await self._connect()
-        return self._conn
+    async def _writer_conn(self, writer: int) -> Any:
+        conn = self._conns[writer]
+        if conn is None or conn.is_closed():
+            self._conns[writer] = None
+            self._conns[writer] = conn = await self._connect()
+        return conn
 
-    def _drop_if_broken(self) -> None:
-        if self._conn is not None and self._conn.is_closed():
-            self._conn = None
+    def _drop_if_broken(self, writer: int) -> None:
+        conn = self._conns[writer]
+        if conn is not None and conn.is_closed():
+            self._conns[writer] = None
 
 
 def lock_order(call: _Call) -> tuple[bool, str]:

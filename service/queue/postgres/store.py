@@ -55,7 +55,7 @@ from service.models import (
 from service.queue import rules, safe_url
 from service.queue.migrate import load_migrations, pending
 from service.queue.postgres import statements as q
-from service.queue.postgres.engine import Engine
+from service.queue.postgres.engine import DEFAULT_WRITERS, Engine
 from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, translate
 from service.queue.postgres.notify import Notifier
 from service.queue.postgres.outbox import Outbox
@@ -82,19 +82,23 @@ class PostgresStore:
         db_clock_offset: Callable[[], float] | None = None,
         min_size: int = 1,
         max_size: int = 10,
+        writers: int = DEFAULT_WRITERS,
         max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
         webhook_url: str | None = None,
     ) -> None:
         """``db_clock_offset``: seconds added to the database's clock (tests move it as they move ``clock``;
         None in production: the database's clock as it is). ``webhook_url``: the server default webhook URL,
         given to every connection as the setting ``svc.webhook_url`` that the outbox trigger reads (migration
-        0010), so it is resolved when an entry is written, by the instance that writes it."""
+        0010), so it is resolved when an entry is written, by the instance that writes it. ``writers``: the
+        connections that group-commit at once (engine.py; setting ``pg_writers``)."""
         self._dsn = dsn
         self._clock = clock
         self._max_interruptions = max_interruptions
         offset = db_clock_offset or _no_offset
         settings = {"svc.webhook_url": webhook_url or ""}
-        self.engine = Engine(dsn, offset, min_size=min_size, max_size=max_size, server_settings=settings)
+        self.engine = Engine(
+            dsn, offset, min_size=min_size, max_size=max_size, writers=writers, server_settings=settings
+        )
         self.instance_id = uuid.uuid4().hex[:12]
         self.notifier = Notifier(dsn, self.instance_id, offset, self._recent_sessions)
         self._outbox = Outbox(self.engine.notify, self.instance_id)

@@ -1,0 +1,4 @@
+-- Twin of migrations/postgres/0011_cached_plans.sql, which makes the PostgreSQL verbs' helper functions
+-- PL/pgSQL (plans cached per connection). SQLite has no stored functions and caches its statements already
+-- (sqlite3's statement cache). Nothing changes in this dialect's schema; the number is kept so both dialects
+-- stay at the same version.
