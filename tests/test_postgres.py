@@ -10,6 +10,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from service.errors import BadRequest, IncompatibleDatabase, StoreUnavailable
 from service.models import RUN_COMPLETED, Claim, NewEntry, lifecycle
 from service.queue.migrate import load_migrations
 from service.queue.postgres import PostgresStore
+from service.queue.postgres.notify import Notifier
 from tests.conftest import FakeClock
 from tests.pg import ADMIN_DSN, pg_database
 
@@ -162,6 +164,38 @@ async def test_lost_listen_connection_reconnects_and_catches_up(pg_url: str, clo
 
         await a.enqueue(OWNER, "s1", "after the loss", None)
         assert await asyncio.wait_for(heard.get(), WAIT_S) == ("s1", 2)
+
+
+async def test_listen_reconnect_survives_a_catch_up_that_fails(pg_url: str) -> None:
+    """The catch-up after a lost LISTEN connection reads through the store's pool, which may fail as well (the
+    database restarting): the notifier retries instead of ending its supervision (it used to die, and the
+    instance stayed deaf to the next loss)."""
+    calls = 0
+
+    async def catch_up(_since: datetime) -> list[tuple[str, int]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("the pool is not reachable yet")
+        return [("s1", 7)]
+
+    heard: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+    async def listener(session_id: str, last_seq: int) -> None:
+        await heard.put((session_id, last_seq))
+
+    notifier = Notifier(pg_url, "me", lambda: 0.0, catch_up, max_backoff_s=0.05)
+    await notifier.start()
+    try:
+        notifier.add_listener(listener)
+        for round_ in (1, 2):  # a second loss is noticed too: the supervision is still alive
+            pid = notifier.server_pid()
+            await admin("SELECT pg_terminate_backend($1)", pid)
+            assert await asyncio.wait_for(heard.get(), WAIT_S) == ("s1", 7)
+            assert notifier.reconnects == round_
+            assert notifier.server_pid() not in (None, pid)
+    finally:
+        await notifier.stop()
 
 
 async def test_concurrent_claims_across_instances_take_one_input_per_session(

@@ -21,9 +21,13 @@ from typing import Any
 
 import asyncpg
 
+from service.errors import StoreUnavailable
 from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, close_connection
 from service.queue.postgres.statements import DB_NOW, LOG_CHANNEL, WORK_CHANNEL
 from service.queue.store import CommitListener
+
+# What a reconnect may meet: the driver's errors, and the store's (the catch-up reads through its pool).
+_RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, StoreUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +170,7 @@ class Notifier:
                     self._pending[session_id] = max(self._pending.get(session_id, 0), last_seq)
                 self._pending_ready.set()
                 return
-            except DRIVER_ERRORS as exc:
+            except _RECONNECT_ERRORS as exc:
                 log.warning("PostgreSQL LISTEN reconnect failed (%s); retrying in %.2fs", exc, backoff_s)
                 await self._drop()
                 await asyncio.sleep(backoff_s)

@@ -127,9 +127,10 @@ class PostgresStore:
             raise
 
     async def close(self) -> None:
+        # The listener first: its catch-up after a lost connection reads through the engine's pool.
+        await self.notifier.stop()
         await self.engine.close()
         await self._outbox.stop()
-        await self.notifier.stop()
 
     async def ping(self) -> bool:
         try:
