@@ -315,6 +315,16 @@ def _parse_teams(value: Any, origin: str) -> dict[str, str]:
     return teams
 
 
+def _beside(config_file: Path, teams: Mapping[str, str]) -> dict[str, str]:
+    """Team files named in a config file are found beside it (README "Configuration"), wherever the service
+    is started from: a relative ``.json`` path is taken relative to the config file's folder."""
+    folder = config_file.resolve().parent
+    return {
+        name: str(folder / spec) if spec.endswith(".json") and not Path(spec).is_absolute() else spec
+        for name, spec in teams.items()
+    }
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -350,6 +360,8 @@ def load_config(
             values[setting.name] = _coerce(setting, env[setting.env], setting.env)
         elif setting.name in from_file:
             values[setting.name] = _coerce(setting, from_file[setting.name], str(path))
+            if setting.name == "teams" and path is not None:
+                values["teams"] = _beside(path, values["teams"])
     values["jwt_secret"] = env.get("SERVICE_JWT_SECRET") or None
     values["webhook_secret"] = env.get("SERVICE_WEBHOOK_SECRET") or None
     return Config(**values).validate()

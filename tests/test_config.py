@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.config import SETTINGS, ConfigError, add_arguments, load_config
+from service.worker.teams import DEFAULT_TEAM_FILE, TeamRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,29 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
     env = {"SERVICE_PORT": "9002", "SERVICE_WORKERS": "8"}
     config = load_config(cli={"port": "9003"}, env=env, config_file=path)
     assert (config.port, config.workers, config.database) == (9003, 8, "from-file.db")
-    assert config.teams == {"x": "x.json"}
+    assert config.teams == {"x": str(tmp_path / "x.json")}  # beside the config file
+
+
+def test_team_files_named_in_a_config_file_are_found_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started from another folder (a service manager's working directory), the team files a config file
+    names still load; paths given in the environment stay relative to the working directory."""
+    folder = tmp_path / "deploy"
+    (folder / "teams").mkdir(parents=True)
+    (folder / "teams" / "support.json").write_bytes(DEFAULT_TEAM_FILE.read_bytes())
+    path = folder / "config.toml"
+    path.write_text(
+        '[teams]\nsupport = "teams/support.json"\nfactory = "tests.teams_for_tests:four_turns_team"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(cli={}, env={}, config_file=path)
+    assert config.teams["factory"] == "tests.teams_for_tests:four_turns_team"  # not a path: unchanged
+    assert "support" in TeamRegistry.from_config(config.teams).names()
+    from_env = load_config(cli={}, env={"SERVICE_TEAMS": "support=teams/support.json"}, config_file=path)
+    assert from_env.teams == {"support": "teams/support.json"}
 
 
 def test_bad_values_are_clear(tmp_path: Path) -> None:
