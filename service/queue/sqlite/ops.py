@@ -1,5 +1,5 @@
 """Sessions, log and cursors in SQL: the synchronous bodies of the SQLite store's verbs (queue verbs are in
-sqlite_queue.py).
+queue.py).
 
 Each function runs on a cursor of the writer connection inside the writer's transaction, or of the reader
 connection inside a read transaction; none of them commits. (A cursor rather than the connection: a
@@ -28,7 +28,7 @@ from service.models import (
     new_session_id,
     parse_iso,
 )
-from service.queue.sqlite_conn import stamp
+from service.queue.sqlite.schema import stamp
 from service.queue.state_pieces import MANIFEST, Manifest, StateSave, assemble
 
 Db = sqlite3.Cursor

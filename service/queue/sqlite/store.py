@@ -1,9 +1,9 @@
 """SqliteStore: the embedded default backend.
 
-One write connection driven by one writer task that group-commits (sqlite_writer.py), one read connection,
+One write connection driven by one writer task that group-commits (engine.py), one read connection,
 WAL, ``synchronous=FULL`` by default (an acknowledged message survives power loss; NORMAL survives a process
-crash but may lose the last commits on power loss). The queue rules are SQL (sqlite_queue.py; sessions, log
-and cursors in sqlite_ops.py); this class is the async face of the Store contract (store.py).
+crash but may lose the last commits on power loss). The queue rules are SQL (queue.py; sessions, log
+and cursors in ops.py); this class is the async face of the Store contract (service/queue/store.py).
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from service.models import (
     utcnow,
 )
 from service.queue import rules
-from service.queue import sqlite_ops as ops
-from service.queue import sqlite_queue as queue
-from service.queue import sqlite_webhooks as webhooks
-from service.queue.sqlite_conn import (
+from service.queue.sqlite import ops, queue, webhooks
+from service.queue.sqlite.engine import WAL_CHECK_S, Reader, Writer, wal_size
+from service.queue.sqlite.schema import (
     FileLock,
     check_synchronous,
     connect,
@@ -44,7 +43,6 @@ from service.queue.sqlite_conn import (
     probe_write_in_transaction,
     read_pragmas,
 )
-from service.queue.sqlite_writer import WAL_CHECK_S, Reader, Writer, wal_size
 from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
 
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024

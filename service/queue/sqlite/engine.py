@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from service.errors import ServiceError, StoreUnavailable
 from service.queue.batches import Batches, fail
-from service.queue.sqlite_conn import BUSY_TIMEOUT_MS, translate
+from service.queue.sqlite.schema import BUSY_TIMEOUT_MS, translate
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]

@@ -1,5 +1,5 @@
 """The queue rules in SQL: the SQLite store's queue verbs (enqueue, claim, the fenced writes of a run,
-recovery). Same conventions as sqlite_ops.py: each function runs on a cursor inside the writer's transaction
+recovery). Same conventions as ops.py: each function runs on a cursor inside the writer's transaction
 (or a read transaction) and never commits; the single writer's lock makes SELECT-then-UPDATE atomic.
 """
 
@@ -37,8 +37,7 @@ from service.models import (
     team_reset,
 )
 from service.queue import rules
-from service.queue.sqlite_conn import stamp
-from service.queue.sqlite_ops import (
+from service.queue.sqlite.ops import (
     Db,
     append_entries,
     create_session,
@@ -46,6 +45,7 @@ from service.queue.sqlite_ops import (
     owned,
     set_status,
 )
+from service.queue.sqlite.schema import stamp
 from service.queue.state_pieces import StateSave, plan_save
 
 INSERT_INPUT = """INSERT INTO inputs (session_id, input_seq, content, status, attempt, not_before, created_at,
