@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from service.errors import ServiceError, StoreUnavailable
 from service.queue.batches import Batches, fail
-from service.queue.sqlite.schema import BUSY_TIMEOUT_MS, translate
+from service.queue.sqlite.errors import translate
+from service.queue.sqlite.schema import BUSY_TIMEOUT_MS
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]
@@ -294,3 +297,30 @@ def _all_failed(count: int, path: str, exc: sqlite3.Error | None, *, commit: boo
         error.__cause__ = exc
         outcomes.append(_Outcome(False, error))
     return outcomes
+
+
+class FileLock:
+    """An exclusive OS lock (flock) held for the life of a store: one service process per SQLite file.
+
+    The kernel drops it when the process dies, even on SIGKILL, so a restart never waits for a stale lock."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def take(cls, path: str) -> FileLock:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"the SQLite database {path.removesuffix('.lock')} is in use by another service process; "
+                "SQLite serves one process: use PostgreSQL to run several instances"
+            ) from exc
+        return cls(fd)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)

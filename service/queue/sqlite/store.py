@@ -33,9 +33,8 @@ from service.models import (
 )
 from service.queue import rules
 from service.queue.sqlite import ops, queue, webhooks
-from service.queue.sqlite.engine import WAL_CHECK_S, Reader, Writer, wal_size
+from service.queue.sqlite.engine import WAL_CHECK_S, FileLock, Reader, Writer, wal_size
 from service.queue.sqlite.schema import (
-    FileLock,
     check_synchronous,
     connect,
     migrations_pending,
