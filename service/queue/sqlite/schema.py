@@ -4,7 +4,6 @@ store's threads (engine.py), never on the event loop."""
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from service.errors import IncompatibleDatabase, ServiceError, StoreUnavailable
 from service.models import utcnow
 from service.queue.migrate import Migration, load_migrations, pending, split_statements
 from service.queue.sqlite.errors import translate
+from service.queue.sqlite.statements import stamp
 
 SYNCHRONOUS_MODES = {"FULL": 2, "NORMAL": 1}
 BUSY_TIMEOUT_MS = 5000
@@ -21,12 +21,6 @@ MIN_SQLITE = (3, 24, 0)
 
 CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"""
-
-
-def stamp(ts: datetime) -> str:
-    """Fixed-width ISO 8601 UTC with microseconds (``2026-11-24T10:00:00.123000+00:00``): sorts and compares as
-    text, round-trips exactly. isoformat, not strftime: it is 3x cheaper, and this runs for every write."""
-    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def check_synchronous(value: str) -> str:

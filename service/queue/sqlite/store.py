@@ -1,9 +1,10 @@
-"""SqliteStore: the embedded default backend.
+"""SqliteStore: the Store contract (service/queue/store.py) on SQLite, the embedded default backend.
 
 One write connection driven by one writer task that group-commits (engine.py), one read connection,
 WAL, ``synchronous=FULL`` by default (an acknowledged message survives power loss; NORMAL survives a process
-crash but may lose the last commits on power loss). The queue rules are SQL (queue.py; sessions, log
-and cursors in ops.py); this class is the async face of the Store contract (service/queue/store.py).
+crash but may lose the last commits on power loss). This class is the async face of the contract: each verb
+runs one function of functions.py (its body: the twin of the verb's ``svc_`` function on PostgreSQL) in the
+writer's transaction or on the reader; the queue rules are SQL (statements.py) and service/queue/rules.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from service.models import (
     utcnow,
 )
 from service.queue import rules
-from service.queue.sqlite import ops, queue, webhooks
+from service.queue.sqlite import functions as fn
 from service.queue.sqlite.engine import WAL_CHECK_S, FileLock, Reader, Writer, wal_size
 from service.queue.sqlite.schema import (
     check_synchronous,
@@ -106,13 +107,13 @@ class SqliteStore:
             raise
         self._writer.start()
         default = self.webhook_url
-        await self._writer.write(lambda c: webhooks.set_default(c, default))
+        await self._writer.write(lambda c: fn.set_webhook_default(c, default))
         if self.exclusive:
-            await self._writer.write(webhooks.release_all)
+            await self._writer.write(fn.release_webhooks)
             now = self.clock()
             forever = now + timedelta(days=36500)
             cap = self.max_interruptions
-            await self._writer.write(lambda c: queue.recover_expired(c, now, cap, cutoff=forever))
+            await self._writer.write(lambda c: fn.recover_expired(c, now, cap, cutoff=forever))
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -173,40 +174,40 @@ class SqliteStore:
         rules.check_labels(session_id=session_id, title=title)
         now, chosen = self.clock(), MultitaskStrategy(multitask_strategy)
         return await self._writer.write(
-            lambda c: ops.create_session(c, now, owner, session_id, team, title, chosen, webhook_url)
+            lambda c: fn.create_session(c, now, owner, session_id, team, title, chosen, webhook_url)
         )
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         rules.check_labels(session_id=session_id)
-        return await self._reader.read(lambda c: ops.owned(c, owner, session_id))
+        return await self._reader.read(lambda c: fn.get_session(c, owner, session_id))
 
     async def list_sessions(self, owner: str) -> list[Session]:
-        return await self._reader.read(lambda c: ops.list_sessions(c, owner))
+        return await self._reader.read(lambda c: fn.list_sessions(c, owner))
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
         rules.check_labels(session_id=session_id)
-        return await self._writer.write(lambda c: ops.delete_session(c, owner, session_id))
+        return await self._writer.write(lambda c: fn.delete_session(c, owner, session_id))
 
     async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
         cutoff = self.clock() - timedelta(seconds=idle_s)
-        return await self._writer.write(lambda c: ops.expire_sessions(c, cutoff, limit, EXPIRE_ENTRIES))
+        return await self._writer.write(lambda c: fn.expire_sessions(c, cutoff, limit, EXPIRE_ENTRIES))
 
     async def read_log(
         self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = 100
     ) -> Page:
         rules.check_labels(session_id=session_id)
-        return await self._reader.read(lambda c: ops.read_log(c, session_id, after, before, limit))
+        return await self._reader.read(lambda c: fn.read_log(c, session_id, after, before, limit))
 
     async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
-        return await self._reader.read(lambda c: ops.read_frames(c, session_id, after, limit))
+        return await self._reader.read(lambda c: fn.read_frames(c, session_id, after, limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)
-        return await self._reader.read(lambda c: ops.get_cursor(c, session_id, client_id))
+        return await self._reader.read(lambda c: fn.get_cursor(c, session_id, client_id))
 
     async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
         rules.check_labels(session_id=session_id, client_id=client_id)
-        return await self._writer.write(lambda c: ops.set_cursor(c, session_id, client_id, seq))
+        return await self._writer.write(lambda c: fn.set_cursor(c, session_id, client_id, seq))
 
     # --- queue ---
     async def enqueue(
@@ -224,7 +225,7 @@ class SqliteStore:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         now = self.clock()
         done = await self._writer.write(
-            lambda c: queue.enqueue(
+            lambda c: fn.enqueue(
                 c, now, owner, session_id, content, client_msg_id, team, max_queued, strategy, trace_context
             )
         )
@@ -239,7 +240,7 @@ class SqliteStore:
         if not self._work.is_set():
             now = self.clock()
             try:
-                if await self._writer.write(lambda c: queue.has_claimable(c, now)):
+                if await self._writer.write(lambda c: fn.claimable(c, now)):
                     return
             except StoreUnavailable:
                 pass  # the file cannot be read now: wait for a wake-up or the timeout; callers look again then
@@ -249,57 +250,55 @@ class SqliteStore:
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
         self._work.clear()
         now = self.clock()
-        return await self._writer.write(lambda c: queue.claim(c, now, worker_id, lease_s))
+        return await self._writer.write(lambda c: fn.claim(c, now, worker_id, lease_s))
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.append(c, now, claim, entries))
+        return await self._writer.write(lambda c: fn.append(c, now, claim, entries))
 
     async def save_draft(self, claim: Claim, draft: Draft) -> None:
         now = self.clock()
-        await self._writer.write(lambda c: queue.save_draft(c, now, claim, draft))
+        await self._writer.write(lambda c: fn.save_draft(c, now, claim, draft))
 
     async def read_draft(self, session_id: str) -> Draft | None:
-        return await self._reader.read(lambda c: queue.read_draft(c, session_id))
+        return await self._reader.read(lambda c: fn.read_draft(c, session_id))
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.heartbeat(c, now, claim, lease_s))
+        return await self._writer.write(lambda c: fn.heartbeat(c, now, claim, lease_s))
 
     async def cancel_requested(self, claim: Claim) -> bool:
-        return await self._reader.read(lambda c: queue.cancel_requested(c, claim))
+        return await self._reader.read(lambda c: fn.cancel_requested(c, claim))
 
     async def take_answer(self, claim: Claim, index: int) -> Answer | None:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.take_answer(c, now, claim, index))
+        return await self._writer.write(lambda c: fn.take_answer(c, now, claim, index))
 
     async def rollback_requested(self, claim: Claim) -> bool:
-        return await self._reader.read(lambda c: queue.rollback_requested(c, claim))
+        return await self._reader.read(lambda c: fn.rollback_requested(c, claim))
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.finish(c, now, claim, entry, team_state))
+        done = await self._writer.write(lambda c: fn.finish(c, now, claim, entry, team_state))
         self._work.set()  # the session's next input (if any) just became claimable
         return done
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()
-        done = await self._writer.write(
-            lambda c: queue.requeue(c, now, claim, entry, not_before, failed=True)
-        )
+        done = await self._writer.write(lambda c: fn.requeue(c, now, claim, entry, not_before, failed=True))
         self._work.set()
         return done
 
     async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now, failed=False))
+        done = await self._writer.write(lambda c: fn.requeue(c, now, claim, entry, now, failed=False))
         self._work.set()
         return done
 
     async def recover_expired(self) -> list[Entry]:
         now = self.clock()
         cap = self.max_interruptions
-        recovered = await self._writer.write(lambda c: queue.recover_expired(c, now, cap))
+        recovered = await self._writer.write(lambda c: fn.recover_expired(c, now, cap))
         if recovered:
             self._work.set()
         return recovered
@@ -309,7 +308,7 @@ class SqliteStore:
     ) -> CancelRequest:
         rules.check_labels(session_id=session_id)
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.request_cancel(c, now, owner, session_id, input_seq))
+        done = await self._writer.write(lambda c: fn.cancel(c, now, owner, session_id, input_seq))
         if done.entry is not None:
             self._work.set()  # the session's next input (if any) just became claimable
         return done
@@ -317,26 +316,26 @@ class SqliteStore:
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
         rules.check_labels(session_id=session_id)
         now = self.clock()
-        return await self._writer.write(lambda c: queue.reset_team_state(c, now, owner, session_id))
+        return await self._writer.write(lambda c: fn.reset(c, now, owner, session_id))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         rules.check_labels(session_id=session_id)
-        return (await self._reader.read(lambda c: ops.load_team_state(c, session_id)))[0]
+        return (await self._reader.read(lambda c: fn.load_team_state(c, session_id)))[0]
 
     # --- webhook outbox ---
     async def claim_webhooks(self, lease_s: float, limit: int) -> list[WebhookEvent]:
         now = self.clock()
-        return await self._writer.write(lambda c: webhooks.claim(c, now, lease_s, limit))
+        return await self._writer.write(lambda c: fn.claim_webhooks(c, now, lease_s, limit))
 
     async def webhook_delivered(self, event: WebhookEvent) -> bool:
-        return await self._writer.write(lambda c: webhooks.delivered(c, event))
+        return await self._writer.write(lambda c: fn.webhook_delivered(c, event))
 
     async def webhook_failed(self, event: WebhookEvent, delay_s: float | None) -> bool:
         now = self.clock()
-        return await self._writer.write(lambda c: webhooks.failed(c, now, event, delay_s))
+        return await self._writer.write(lambda c: fn.webhook_failed(c, now, event, delay_s))
 
     async def counts(self) -> dict[str, int]:
-        return await self._reader.read(queue.counts)
+        return await self._reader.read(fn.counts)
 
     async def listen(self, listener: CommitListener) -> None:
         """One process per SQLite file is the supported shape: nothing to listen to."""
