@@ -1,4 +1,5 @@
-"""The SQLite store's two threads: ONE writer that group-commits, and a reader.
+"""SQLite connections: the store's two threads, ONE writer that group-commits and a reader, and the file lock
+that keeps one service process per file.
 
 Why threads and plain sqlite3 instead of aiosqlite: aiosqlite hops threads once per statement, and an enqueue
 is five statements. Measured on this machine (4,000 enqueue-shaped jobs, synchronous=FULL, WAL): one commit
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 from service.errors import ServiceError, StoreUnavailable
 from service.queue.batches import Batches, fail
 from service.queue.sqlite.errors import translate
-from service.queue.sqlite.schema import BUSY_TIMEOUT_MS
+from service.queue.sqlite.schema import BUSY_TIMEOUT_MS, connect, prepare, read_pragmas
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]
@@ -48,6 +49,59 @@ class _Pending:
 class _Outcome:
     ok: bool
     value: Any
+
+
+class Engine:
+    """The writer (group-committed jobs) and the reader of one SqliteStore, each on its own connection."""
+
+    def __init__(
+        self, path: str, *, synchronous: str, wal_limit_bytes: int, wal_check_s: float = WAL_CHECK_S
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.wal_limit_bytes = wal_limit_bytes
+        self.writer = Writer("sqlite-writer", path, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s)
+        self.reader = Reader("sqlite-reader", path)
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (group commit makes this far smaller than the writes)."""
+        return self.writer.commits
+
+    async def open(self) -> None:
+        """Connect the writer, migrate the file and check it takes writes (schema.prepare), connect the reader,
+        then start the writer. On failure both connections are closed again."""
+        try:
+            writer = await self.writer.open(
+                lambda: connect(
+                    self.path, synchronous=self.synchronous, writer=True, wal_limit_bytes=self.wal_limit_bytes
+                )
+            )
+            await self.writer.call(prepare, writer, self.path)
+            await self.reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
+        except BaseException:
+            await self.close()
+            raise
+        self.writer.start()
+
+    async def close(self) -> None:
+        await self.writer.close()
+        await self.reader.close()
+
+    async def write(self, job: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run ``job`` in the writer's next group commit; returns once that commit is durable."""
+        return await self.writer.write(job)
+
+    async def read(self, job: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run ``job`` on the reader, in one read transaction (a consistent WAL snapshot)."""
+        return await self.reader.read(job)
+
+    async def pragmas(self) -> dict[str, Any]:
+        """The write connection's settings as SQLite reports them."""
+        conn = self.writer.conn
+        if conn is None:
+            raise StoreUnavailable("the store is closed")
+        return await self.writer.call(read_pragmas, conn)
 
 
 class Thread:
