@@ -77,8 +77,8 @@ class SqliteStore:
         self.engine = Engine(
             path, synchronous=self.synchronous, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s
         )
-        # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
-        # a commit that lands after a claim found nothing is never missed by the next wait_for_work.
+        # Set by every commit that may have made work claimable (_wake), then replaced, so each wake reaches
+        # every current waiter and later waiters wait on a fresh one (as PostgreSQL's Notifier.work_event).
         self._work = asyncio.Event()
         self._closed = False
 
@@ -215,25 +215,30 @@ class SqliteStore:
             )
         )
         if not done.duplicate:
-            self._work.set()
+            self._wake()
         return done
 
     async def wait_for_work(self, timeout_s: float) -> None:
         # The timeout is also the fallback for work this process cannot see coming: another process's enqueue,
-        # or a retry's not_before passing. The check goes through the writer, so it is ordered with every
-        # write submitted before or after it: a write that comes later wakes us rather than being found here.
-        if not self._work.is_set():
-            now = self.clock()
-            try:
-                if await self.engine.write(lambda c: fn.claimable(c, now)):
-                    return
-            except StoreUnavailable:
-                pass  # the file cannot be read now: wait for a wake-up or the timeout; callers look again then
+        # or a retry's not_before passing. The look is a read, no write lock: it sees every commit acknowledged
+        # before this call, and the event is taken before it, so a commit the look does not see wakes us (its
+        # _wake comes after its commit) rather than being found here.
+        event = self._work
+        now = self.clock()
+        try:
+            if await self.engine.read(lambda c: fn.claimable(c, now)):
+                return
+        except StoreUnavailable:
+            pass  # the file cannot be read now: wait for a wake-up or the timeout; callers look again then
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), timeout_s)
+            await asyncio.wait_for(event.wait(), timeout_s)
+
+    def _wake(self) -> None:
+        """After a commit that may have made work claimable: wake every ``wait_for_work`` waiting now."""
+        self._work.set()
+        self._work = asyncio.Event()
 
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
-        self._work.clear()
         now = self.clock()
         return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s))
 
@@ -265,19 +270,19 @@ class SqliteStore:
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()
         done = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state))
-        self._work.set()  # the session's next input (if any) just became claimable
+        self._wake()  # the session's next input (if any) just became claimable
         return done
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()
         done = await self.engine.write(lambda c: fn.requeue(c, now, claim, entry, not_before, failed=True))
-        self._work.set()
+        self._wake()
         return done
 
     async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         now = self.clock()
         done = await self.engine.write(lambda c: fn.requeue(c, now, claim, entry, now, failed=False))
-        self._work.set()
+        self._wake()
         return done
 
     async def recover_expired(self) -> list[Entry]:
@@ -285,7 +290,7 @@ class SqliteStore:
         cap = self.max_interruptions
         recovered = await self.engine.write(lambda c: fn.recover_expired(c, now, cap))
         if recovered:
-            self._work.set()
+            self._wake()
         return recovered
 
     async def request_cancel(
@@ -295,7 +300,7 @@ class SqliteStore:
         now = self.clock()
         done = await self.engine.write(lambda c: fn.cancel(c, now, owner, session_id, input_seq))
         if done.entry is not None:
-            self._work.set()  # the session's next input (if any) just became claimable
+            self._wake()  # the session's next input (if any) just became claimable
         return done
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
