@@ -92,6 +92,12 @@ def run_in_progress(session_id: str) -> Conflict:
     return Conflict(f"session {session_id!r} has a run in progress: cancel it first")
 
 
+def cursor_seq(seq: int, last_seq: int) -> int:
+    """Where ``set_cursor(seq)`` may point: clamped to [0, last_seq]. The store then keeps the larger of it and
+    the stored cursor, so a cursor never moves back."""
+    return min(max(seq, 0), last_seq)
+
+
 def targets(wanted_input_seq: int | None, input_seq: int) -> bool:
     """Whether a cancel aimed at ``wanted_input_seq`` (None: whatever runs) reaches the run of ``input_seq``: a
     cancel sent for one run never stops the next one (a double-clicked Cancel button)."""

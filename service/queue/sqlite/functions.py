@@ -198,8 +198,7 @@ def set_cursor(db: Db, session_id: str, client_id: str, seq: int) -> int:
     row = db.execute(q.LAST_SEQ, (session_id,)).fetchone()
     if row is None:
         return 0  # an unknown session has an empty log: the cursor clamps to 0 and there is nothing to keep
-    wanted = min(max(seq, 0), int(row[0]))
-    db.execute(q.SET_CURSOR, (session_id, client_id, wanted))
+    db.execute(q.SET_CURSOR, (session_id, client_id, rules.cursor_seq(seq, int(row[0]))))
     stored = get_cursor(db, session_id, client_id)
     assert stored is not None
     return stored
@@ -358,7 +357,12 @@ def take_answer(db: Db, now: datetime, claim: Claim, index: int) -> Answer | Non
 
 
 def rollback_requested(db: Db, claim: Claim) -> bool:
-    return db.execute(q.ROLLBACK_REQUESTED, (claim.session_id, claim.input_id)).fetchone() is not None
+    return _rollback_waits(db, claim.session_id, claim.input_id)
+
+
+def _rollback_waits(db: Db, session_id: str, input_id: int) -> bool:
+    """A rollback message queued behind the input (README "Double-texting")."""
+    return db.execute(q.ROLLBACK_REQUESTED, (session_id, input_id)).fetchone() is not None
 
 
 def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
@@ -409,7 +413,7 @@ def recover_expired(
 ) -> list[Entry]:
     """Re-queue (or, at the interruption cap, end) running inputs whose lease expired before ``cutoff``."""
     recovered: list[Entry] = []
-    for input_id, session_id, input_seq, attempt, run_id, token, died, stop, status, rollback in sorted(
+    for input_id, session_id, input_seq, attempt, run_id, token, died, stop, status in sorted(
         db.execute(q.EXPIRED, ((cutoff or now).timestamp(),))
     ):
         draft = read_draft(db, session_id)
@@ -426,7 +430,7 @@ def recover_expired(
             max_interruptions,
             waiting_for_human=waiting,
             cancel_requested=bool(stop),
-            rolled_back=bool(rollback),
+            rolled_back=_rollback_waits(db, session_id, input_id),
         )
         if final:  # at the cap, or asked to stop before it died: it ends here
             db.execute(q.DONE, (input_id, token))

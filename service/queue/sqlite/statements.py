@@ -58,6 +58,7 @@ SEEN = "SELECT seq FROM entries WHERE session_id = ? AND client_msg_id = ?"
 
 # --- cursors --------------------------------------------------------------------------------------------------
 GET_CURSOR = "SELECT seq FROM cursors WHERE session_id = ? AND client_id = ?"
+# Never backwards: the larger of the stored cursor and the one given (rules.cursor_seq).
 SET_CURSOR = """INSERT INTO cursors (session_id, client_id, seq) VALUES (?, ?, ?)
         ON CONFLICT (session_id, client_id) DO UPDATE SET seq = max(seq, excluded.seq)"""
 
@@ -116,8 +117,7 @@ ROLLBACK_REQUESTED = (
 # recover_expired. No ORDER BY: it would make SQLite walk the whole table in rowid order instead of using the
 # lease index.
 EXPIRED = """SELECT i.id, i.session_id, i.input_seq, i.attempt, i.run_id, i.lease_token, i.interruptions,
-    i.cancel_requested, s.status, EXISTS (SELECT 1 FROM inputs AS r WHERE r.session_id = i.session_id
-      AND r.status = 'queued' AND r.strategy = 'rollback' AND r.id > i.id)
+    i.cancel_requested, s.status
     FROM inputs AS i JOIN sessions AS s ON s.session_id = i.session_id
     WHERE i.status = 'running' AND i.lease_expires_at < ?"""
 # The session's current run: its running input, else an input queued again after a failure or an interruption
