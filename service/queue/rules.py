@@ -1,8 +1,8 @@
 """The queue's rules, each decided once (README "Storage and durability", "The one contract").
 
-The memory store calls these functions; the two SQL dialects mirror them in statements that carry the same
-names (``CLAIMABLE``, ``STATUS_AFTER_END``, ...), and the contract suite checks that all three agree. Pure
-functions only: no I/O, no clock.
+The memory store and SQLite's verb bodies (sqlite/functions.py) call these functions; where SQL decides a rule,
+it is written in statements that carry the same names (``CLAIMABLE``, ``STATUS_AFTER_END``, ...), and the
+contract suite checks that all three backends agree. Pure functions only: no I/O, no clock.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """SQLite driver errors and their translation into the service's one error vocabulary (service/errors.py),
-the same words the PostgreSQL dialect uses (README "The one contract")."""
+the same words the PostgreSQL dialect uses (postgres/errors.py; tests/test_store_contract.py checks both).
+
+Called where the verbs meet the driver: connecting (schema.connect), migrating (schema.prepare),
+each read (engine.Reader) and each job or commit of the writer (engine.Writer)."""
 
 from __future__ import annotations
 

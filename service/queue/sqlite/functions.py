@@ -381,7 +381,7 @@ def end(
     team_state: StateSave | None = None,
 ) -> Entry:
     """Append the terminal ``entry`` of an input just marked done; the session's status after it is
-    ``rules.status_after_end`` (queued when more inputs wait, else failed or idle)."""
+    ``rules.status_after_end``: queued when more inputs wait, else failed (a final run_failed) or idle."""
     more = bool(db.execute(q.MORE_QUEUED, (session_id,)).fetchone()[0])
     db.execute(q.DROP_DRAFT, (session_id,))
     status = rules.status_after_end(entry.type, more)
