@@ -25,7 +25,7 @@ from service.models import NewEntry, lifecycle
 from service.queue import Store, open_store
 from service.queue.migrate import load_migrations
 from service.queue.postgres import schema as pg_schema
-from service.queue.sqlite_conn import migrate as sqlite_migrate
+from service.queue.sqlite.schema import migrate as sqlite_migrate
 from service.worker.state import drop_delivered_buffers, prepare_state
 from tests.pg import pg_database
 from tests.teams_for_tests import fast_default_team

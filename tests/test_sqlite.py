@@ -18,8 +18,8 @@ from service.errors import Conflict, IncompatibleDatabase, LeaseLost, NotFound, 
 from service.models import Claim, NewEntry
 from service.queue.migrate import Migration, load_migrations
 from service.queue.sqlite import SqliteStore
-from service.queue.sqlite_conn import connect, migrate
-from service.queue.sqlite_writer import Writer
+from service.queue.sqlite.engine import Writer
+from service.queue.sqlite.schema import connect, migrate
 from tests.conftest import FakeClock
 
 

@@ -1153,7 +1153,7 @@ def test_driver_errors_translate_to_the_same_service_errors() -> None:
 
     from service.errors import StoreUnavailable
     from service.queue.postgres.errors import translate as pg_translate
-    from service.queue.sqlite_conn import translate as sqlite_translate
+    from service.queue.sqlite.errors import translate as sqlite_translate
 
     assert isinstance(sqlite_translate(sqlite3.IntegrityError("UNIQUE constraint failed"), "x.db"), Conflict)
     assert isinstance(pg_translate(asyncpg.UniqueViolationError("duplicate key")), Conflict)

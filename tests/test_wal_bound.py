@@ -76,9 +76,11 @@ async def test_journal_size_limit_is_set(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "p.db"), wal_limit_bytes=LIMIT)
     await store.open()
     try:
-        conn = store._writer.conn
+        conn = store.engine.writer.conn
         assert conn is not None
-        limit = await store._writer.call(lambda: conn.execute("PRAGMA journal_size_limit").fetchone()[0])
+        limit = await store.engine.writer.call(
+            lambda: conn.execute("PRAGMA journal_size_limit").fetchone()[0]
+        )
         assert limit == LIMIT
     finally:
         await store.close()

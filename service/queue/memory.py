@@ -280,7 +280,7 @@ class MemoryStore:
             row = self._sessions.get(session_id)
             if row is None:
                 return 0  # nothing to point into; the SQL backends cannot store it either (foreign key)
-            stored = max(row.cursors.get(client_id, 0), min(max(seq, 0), len(row.log)))
+            stored = max(row.cursors.get(client_id, 0), rules.cursor_seq(seq, len(row.log)))
             row.cursors[client_id] = stored
             return stored
 

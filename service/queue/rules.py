@@ -1,8 +1,8 @@
 """The queue's rules, each decided once (README "Storage and durability", "The one contract").
 
-The memory store calls these functions; the two SQL dialects mirror them in statements that carry the same
-names (``CLAIMABLE``, ``STATUS_AFTER_END``, ...), and the contract suite checks that all three agree. Pure
-functions only: no I/O, no clock.
+The memory store and SQLite's verb bodies (sqlite/functions.py) call these functions; where SQL decides a rule,
+it is written in statements that carry the same names (``CLAIMABLE``, ``STATUS_AFTER_END``, ...), and the
+contract suite checks that all three backends agree. Pure functions only: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -90,6 +90,12 @@ def run_in_progress(session_id: str) -> Conflict:
     """The one Conflict for a reset while the session has a run: running, waiting for a human, or a failed or
     interrupted one waiting to be retried (``is_run``): its retry would start from wiped memory."""
     return Conflict(f"session {session_id!r} has a run in progress: cancel it first")
+
+
+def cursor_seq(seq: int, last_seq: int) -> int:
+    """Where ``set_cursor(seq)`` may point: clamped to [0, last_seq]. The store then keeps the larger of it and
+    the stored cursor, so a cursor never moves back."""
+    return min(max(seq, 0), last_seq)
 
 
 def targets(wanted_input_seq: int | None, input_seq: int) -> bool:

@@ -1,9 +1,10 @@
-"""SqliteStore: the embedded default backend.
+"""SqliteStore: the Store contract (service/queue/store.py) on SQLite, the embedded default backend.
 
-One write connection driven by one writer task that group-commits (sqlite_writer.py), one read connection,
+One write connection driven by one writer task that group-commits (engine.py), one read connection,
 WAL, ``synchronous=FULL`` by default (an acknowledged message survives power loss; NORMAL survives a process
-crash but may lose the last commits on power loss). The queue rules are SQL (sqlite_queue.py; sessions, log
-and cursors in sqlite_ops.py); this class is the async face of the Store contract (store.py).
+crash but may lose the last commits on power loss). This class is the async face of the contract: each verb
+runs one function of functions.py (its body: the twin of the verb's ``svc_`` function on PostgreSQL) in the
+writer's transaction or on the reader; the queue rules are SQL (statements.py) and service/queue/rules.py.
 """
 
 from __future__ import annotations
@@ -32,19 +33,13 @@ from service.models import (
     utcnow,
 )
 from service.queue import rules
-from service.queue import sqlite_ops as ops
-from service.queue import sqlite_queue as queue
-from service.queue import sqlite_webhooks as webhooks
-from service.queue.sqlite_conn import (
-    FileLock,
+from service.queue.sqlite import functions as fn
+from service.queue.sqlite.engine import WAL_CHECK_S, Engine, FileLock, wal_size
+from service.queue.sqlite.schema import (
     check_synchronous,
-    connect,
     migrations_pending,
-    prepare,
     probe_write_in_transaction,
-    read_pragmas,
 )
-from service.queue.sqlite_writer import WAL_CHECK_S, Reader, Writer, wal_size
 from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
 
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
@@ -79,43 +74,35 @@ class SqliteStore:
         self.max_interruptions = max_interruptions
         self.wal_limit_bytes = wal_limit_bytes
         self.webhook_url = webhook_url  # the server default (README "Webhooks"), kept in webhook_default
-        self._writer = Writer("sqlite-writer", path, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s)
-        self._reader = Reader("sqlite-reader", path)
-        # Set after commits that may have made work claimable; claim() clears it BEFORE reading the queue, so
-        # a commit that lands after a claim found nothing is never missed by the next wait_for_work.
+        self.engine = Engine(
+            path, synchronous=self.synchronous, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s
+        )
+        # Set by every commit that may have made work claimable (_wake), then replaced, so each wake reaches
+        # every current waiter and later waiters wait on a fresh one (as PostgreSQL's Notifier.work_event).
         self._work = asyncio.Event()
         self._closed = False
 
     @property
     def commits(self) -> int:
         """Write transactions committed so far (group commit makes this far smaller than the writes)."""
-        return self._writer.commits
+        return self.engine.commits
 
     async def open(self) -> None:
         if self.exclusive:
             self._lock = FileLock.take(self.path + ".lock")
         try:
-            writer = await self._writer.open(
-                lambda: connect(
-                    self.path, synchronous=self.synchronous, writer=True, wal_limit_bytes=self.wal_limit_bytes
-                )
-            )
-            await self._writer.call(prepare, writer, self.path)
-            await self._reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
+            await self.engine.open()
         except BaseException:
-            await self._writer.close()
-            await self._reader.close()
             self._release_lock()
             raise
-        self._writer.start()
         default = self.webhook_url
-        await self._writer.write(lambda c: webhooks.set_default(c, default))
+        await self.engine.write(lambda c: fn.set_webhook_default(c, default))
         if self.exclusive:
-            await self._writer.write(webhooks.release_all)
+            await self.engine.write(fn.release_webhooks)
             now = self.clock()
             forever = now + timedelta(days=36500)
             cap = self.max_interruptions
-            await self._writer.write(lambda c: queue.recover_expired(c, now, cap, cutoff=forever))
+            await self.engine.write(lambda c: fn.recover_expired(c, now, cap, cutoff=forever))
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -126,19 +113,18 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
-        await self._writer.close()
-        await self._reader.close()
+        await self.engine.close()
         self._release_lock()
 
     async def bound_wal(self) -> int:
         """Bring the WAL back under ``wal_limit_bytes`` now if no reader holds it (the writer also does this by
         itself every ``wal_check_s``); the WAL's size in bytes after."""
-        return await self._writer.bound_wal()
+        return await self.engine.writer.bound_wal()
 
     async def next_wal_check(self) -> int:
         """Wait for the writer's next periodic WAL check; the WAL's size after it (tests)."""
-        self._writer.wal_checked.clear()
-        await self._writer.wal_checked.wait()
+        self.engine.writer.wal_checked.clear()
+        await self.engine.writer.wal_checked.wait()
         return self.wal_size()
 
     def wal_size(self) -> int:
@@ -147,17 +133,14 @@ class SqliteStore:
 
     async def pragmas(self) -> dict[str, Any]:
         """The write connection's settings as SQLite reports them (diagnostics; tests check they are honoured)."""
-        conn = self._writer.conn
-        if conn is None:
-            raise StoreUnavailable("the store is closed")
-        return await self._writer.call(read_pragmas, conn)
+        return await self.engine.pragmas()
 
     async def ping(self) -> bool:
         try:
-            if await self._reader.read(lambda c: migrations_pending(c.connection)):
+            if await self.engine.read(lambda c: migrations_pending(c.connection)):
                 return False
             # A write through the writer, bounded: a lock held by another process makes it wait (busy_timeout).
-            await asyncio.wait_for(self._writer.write(probe_write_in_transaction), READY_PROBE_S)
+            await asyncio.wait_for(self.engine.write(probe_write_in_transaction), READY_PROBE_S)
         except Exception:
             return False
         return True
@@ -175,41 +158,41 @@ class SqliteStore:
     ) -> Session:
         rules.check_labels(session_id=session_id, title=title)
         now, chosen = self.clock(), MultitaskStrategy(multitask_strategy)
-        return await self._writer.write(
-            lambda c: ops.create_session(c, now, owner, session_id, team, title, chosen, webhook_url)
+        return await self.engine.write(
+            lambda c: fn.create_session(c, now, owner, session_id, team, title, chosen, webhook_url)
         )
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         rules.check_labels(session_id=session_id)
-        return await self._reader.read(lambda c: ops.owned(c, owner, session_id))
+        return await self.engine.read(lambda c: fn.get_session(c, owner, session_id))
 
     async def list_sessions(self, owner: str) -> list[Session]:
-        return await self._reader.read(lambda c: ops.list_sessions(c, owner))
+        return await self.engine.read(lambda c: fn.list_sessions(c, owner))
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
         rules.check_labels(session_id=session_id)
-        return await self._writer.write(lambda c: ops.delete_session(c, owner, session_id))
+        return await self.engine.write(lambda c: fn.delete_session(c, owner, session_id))
 
     async def expire_sessions(self, idle_s: float, limit: int) -> list[str]:
         cutoff = self.clock() - timedelta(seconds=idle_s)
-        return await self._writer.write(lambda c: ops.expire_sessions(c, cutoff, limit, EXPIRE_ENTRIES))
+        return await self.engine.write(lambda c: fn.expire_sessions(c, cutoff, limit, EXPIRE_ENTRIES))
 
     async def read_log(
         self, session_id: str, *, after: int | None = None, before: int | None = None, limit: int = 100
     ) -> Page:
         rules.check_labels(session_id=session_id)
-        return await self._reader.read(lambda c: ops.read_log(c, session_id, after, before, limit))
+        return await self.engine.read(lambda c: fn.read_log(c, session_id, after, before, limit))
 
     async def read_frames(self, session_id: str, *, after: int, limit: int) -> Frames:
-        return await self._reader.read(lambda c: ops.read_frames(c, session_id, after, limit))
+        return await self.engine.read(lambda c: fn.read_frames(c, session_id, after, limit))
 
     async def get_cursor(self, session_id: str, client_id: str) -> int | None:
         rules.check_labels(session_id=session_id, client_id=client_id)
-        return await self._reader.read(lambda c: ops.get_cursor(c, session_id, client_id))
+        return await self.engine.read(lambda c: fn.get_cursor(c, session_id, client_id))
 
     async def set_cursor(self, session_id: str, client_id: str, seq: int) -> int:
         rules.check_labels(session_id=session_id, client_id=client_id)
-        return await self._writer.write(lambda c: ops.set_cursor(c, session_id, client_id, seq))
+        return await self.engine.write(lambda c: fn.set_cursor(c, session_id, client_id, seq))
 
     # --- queue ---
     async def enqueue(
@@ -226,85 +209,88 @@ class SqliteStore:
     ) -> Enqueued:
         rules.check_labels(session_id=session_id, client_msg_id=client_msg_id)
         now = self.clock()
-        done = await self._writer.write(
-            lambda c: queue.enqueue(
+        done = await self.engine.write(
+            lambda c: fn.enqueue(
                 c, now, owner, session_id, content, client_msg_id, team, max_queued, strategy, trace_context
             )
         )
         if not done.duplicate:
-            self._work.set()
+            self._wake()
         return done
 
     async def wait_for_work(self, timeout_s: float) -> None:
         # The timeout is also the fallback for work this process cannot see coming: another process's enqueue,
-        # or a retry's not_before passing. The check goes through the writer, so it is ordered with every
-        # write submitted before or after it: a write that comes later wakes us rather than being found here.
-        if not self._work.is_set():
-            now = self.clock()
-            try:
-                if await self._writer.write(lambda c: queue.has_claimable(c, now)):
-                    return
-            except StoreUnavailable:
-                pass  # the file cannot be read now: wait for a wake-up or the timeout; callers look again then
+        # or a retry's not_before passing. The look is a read, no write lock: it sees every commit acknowledged
+        # before this call, and the event is taken before it, so a commit the look does not see wakes us (its
+        # _wake comes after its commit) rather than being found here.
+        event = self._work
+        now = self.clock()
+        try:
+            if await self.engine.read(lambda c: fn.claimable(c, now)):
+                return
+        except StoreUnavailable:
+            pass  # the file cannot be read now: wait for a wake-up or the timeout; callers look again then
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), timeout_s)
+            await asyncio.wait_for(event.wait(), timeout_s)
+
+    def _wake(self) -> None:
+        """After a commit that may have made work claimable: wake every ``wait_for_work`` waiting now."""
+        self._work.set()
+        self._work = asyncio.Event()
 
     async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
-        self._work.clear()
         now = self.clock()
-        return await self._writer.write(lambda c: queue.claim(c, now, worker_id, lease_s))
+        return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s))
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.append(c, now, claim, entries))
+        return await self.engine.write(lambda c: fn.append(c, now, claim, entries))
 
     async def save_draft(self, claim: Claim, draft: Draft) -> None:
         now = self.clock()
-        await self._writer.write(lambda c: queue.save_draft(c, now, claim, draft))
+        await self.engine.write(lambda c: fn.save_draft(c, now, claim, draft))
 
     async def read_draft(self, session_id: str) -> Draft | None:
-        return await self._reader.read(lambda c: queue.read_draft(c, session_id))
+        return await self.engine.read(lambda c: fn.read_draft(c, session_id))
 
     async def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.heartbeat(c, now, claim, lease_s))
+        return await self.engine.write(lambda c: fn.heartbeat(c, now, claim, lease_s))
 
     async def cancel_requested(self, claim: Claim) -> bool:
-        return await self._reader.read(lambda c: queue.cancel_requested(c, claim))
+        return await self.engine.read(lambda c: fn.cancel_requested(c, claim))
 
     async def take_answer(self, claim: Claim, index: int) -> Answer | None:
         now = self.clock()
-        return await self._writer.write(lambda c: queue.take_answer(c, now, claim, index))
+        return await self.engine.write(lambda c: fn.take_answer(c, now, claim, index))
 
     async def rollback_requested(self, claim: Claim) -> bool:
-        return await self._reader.read(lambda c: queue.rollback_requested(c, claim))
+        return await self.engine.read(lambda c: fn.rollback_requested(c, claim))
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.finish(c, now, claim, entry, team_state))
-        self._work.set()  # the session's next input (if any) just became claimable
+        done = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state))
+        self._wake()  # the session's next input (if any) just became claimable
         return done
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()
-        done = await self._writer.write(
-            lambda c: queue.requeue(c, now, claim, entry, not_before, failed=True)
-        )
-        self._work.set()
+        done = await self.engine.write(lambda c: fn.requeue(c, now, claim, entry, not_before, failed=True))
+        self._wake()
         return done
 
     async def release(self, claim: Claim, entry: NewEntry) -> list[Entry]:
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.requeue(c, now, claim, entry, now, failed=False))
-        self._work.set()
+        done = await self.engine.write(lambda c: fn.requeue(c, now, claim, entry, now, failed=False))
+        self._wake()
         return done
 
     async def recover_expired(self) -> list[Entry]:
         now = self.clock()
         cap = self.max_interruptions
-        recovered = await self._writer.write(lambda c: queue.recover_expired(c, now, cap))
+        recovered = await self.engine.write(lambda c: fn.recover_expired(c, now, cap))
         if recovered:
-            self._work.set()
+            self._wake()
         return recovered
 
     async def request_cancel(
@@ -312,34 +298,34 @@ class SqliteStore:
     ) -> CancelRequest:
         rules.check_labels(session_id=session_id)
         now = self.clock()
-        done = await self._writer.write(lambda c: queue.request_cancel(c, now, owner, session_id, input_seq))
+        done = await self.engine.write(lambda c: fn.cancel(c, now, owner, session_id, input_seq))
         if done.entry is not None:
-            self._work.set()  # the session's next input (if any) just became claimable
+            self._wake()  # the session's next input (if any) just became claimable
         return done
 
     async def reset_team_state(self, owner: str, session_id: str) -> Entry | None:
         rules.check_labels(session_id=session_id)
         now = self.clock()
-        return await self._writer.write(lambda c: queue.reset_team_state(c, now, owner, session_id))
+        return await self.engine.write(lambda c: fn.reset(c, now, owner, session_id))
 
     async def load_team_state(self, session_id: str) -> dict[str, Any] | None:
         rules.check_labels(session_id=session_id)
-        return (await self._reader.read(lambda c: ops.load_team_state(c, session_id)))[0]
+        return (await self.engine.read(lambda c: fn.load_team_state(c, session_id)))[0]
 
     # --- webhook outbox ---
     async def claim_webhooks(self, lease_s: float, limit: int) -> list[WebhookEvent]:
         now = self.clock()
-        return await self._writer.write(lambda c: webhooks.claim(c, now, lease_s, limit))
+        return await self.engine.write(lambda c: fn.claim_webhooks(c, now, lease_s, limit))
 
     async def webhook_delivered(self, event: WebhookEvent) -> bool:
-        return await self._writer.write(lambda c: webhooks.delivered(c, event))
+        return await self.engine.write(lambda c: fn.webhook_delivered(c, event))
 
     async def webhook_failed(self, event: WebhookEvent, delay_s: float | None) -> bool:
         now = self.clock()
-        return await self._writer.write(lambda c: webhooks.failed(c, now, event, delay_s))
+        return await self.engine.write(lambda c: fn.webhook_failed(c, now, event, delay_s))
 
     async def counts(self) -> dict[str, int]:
-        return await self._reader.read(queue.counts)
+        return await self.engine.read(fn.counts)
 
     async def listen(self, listener: CommitListener) -> None:
         """One process per SQLite file is the supported shape: nothing to listen to."""

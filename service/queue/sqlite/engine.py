@@ -1,4 +1,5 @@
-"""The SQLite store's two threads: ONE writer that group-commits, and a reader.
+"""SQLite connections: the store's two threads, ONE writer that group-commits and a reader, and the file lock
+that keeps one service process per file.
 
 Why threads and plain sqlite3 instead of aiosqlite: aiosqlite hops threads once per statement, and an enqueue
 is five statements. Measured on this machine (4,000 enqueue-shaped jobs, synchronous=FULL, WAL): one commit
@@ -15,17 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from service.errors import ServiceError, StoreUnavailable
 from service.queue.batches import Batches, fail
-from service.queue.sqlite_conn import BUSY_TIMEOUT_MS, translate
+from service.queue.sqlite.errors import translate
+from service.queue.sqlite.schema import BUSY_TIMEOUT_MS, connect, prepare, read_pragmas
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Cursor], Any]
@@ -45,6 +49,59 @@ class _Pending:
 class _Outcome:
     ok: bool
     value: Any
+
+
+class Engine:
+    """The writer (group-committed jobs) and the reader of one SqliteStore, each on its own connection."""
+
+    def __init__(
+        self, path: str, *, synchronous: str, wal_limit_bytes: int, wal_check_s: float = WAL_CHECK_S
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.wal_limit_bytes = wal_limit_bytes
+        self.writer = Writer("sqlite-writer", path, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s)
+        self.reader = Reader("sqlite-reader", path)
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (group commit makes this far smaller than the writes)."""
+        return self.writer.commits
+
+    async def open(self) -> None:
+        """Connect the writer, migrate the file and check it takes writes (schema.prepare), connect the reader,
+        then start the writer. On failure both connections are closed again."""
+        try:
+            writer = await self.writer.open(
+                lambda: connect(
+                    self.path, synchronous=self.synchronous, writer=True, wal_limit_bytes=self.wal_limit_bytes
+                )
+            )
+            await self.writer.call(prepare, writer, self.path)
+            await self.reader.open(lambda: connect(self.path, synchronous=self.synchronous, writer=False))
+        except BaseException:
+            await self.close()
+            raise
+        self.writer.start()
+
+    async def close(self) -> None:
+        await self.writer.close()
+        await self.reader.close()
+
+    async def write(self, job: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run ``job`` in the writer's next group commit; returns once that commit is durable."""
+        return await self.writer.write(job)
+
+    async def read(self, job: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run ``job`` on the reader, in one read transaction (a consistent WAL snapshot)."""
+        return await self.reader.read(job)
+
+    async def pragmas(self) -> dict[str, Any]:
+        """The write connection's settings as SQLite reports them."""
+        conn = self.writer.conn
+        if conn is None:
+            raise StoreUnavailable("the store is closed")
+        return await self.writer.call(read_pragmas, conn)
 
 
 class Thread:
@@ -294,3 +351,30 @@ def _all_failed(count: int, path: str, exc: sqlite3.Error | None, *, commit: boo
         error.__cause__ = exc
         outcomes.append(_Outcome(False, error))
     return outcomes
+
+
+class FileLock:
+    """An exclusive OS lock (flock) held for the life of a store: one service process per SQLite file.
+
+    The kernel drops it when the process dies, even on SIGKILL, so a restart never waits for a stale lock."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def take(cls, path: str) -> FileLock:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"the SQLite database {path.removesuffix('.lock')} is in use by another service process; "
+                "SQLite serves one process: use PostgreSQL to run several instances"
+            ) from exc
+        return cls(fd)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)

@@ -1,18 +1,17 @@
-"""SQLite connections: pragmas, driver-error translation and migrations (all synchronous; run on the store's
-threads, never on the event loop)."""
+"""SQLite connection setup (pragmas) and migrations (``migrations/sqlite/``). All synchronous: they run on the
+store's threads (engine.py), never on the event loop."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import Conflict, IncompatibleDatabase, ServiceError, StoreUnavailable
+from service.errors import IncompatibleDatabase, ServiceError, StoreUnavailable
 from service.models import utcnow
 from service.queue.migrate import Migration, load_migrations, pending, split_statements
+from service.queue.sqlite.errors import translate
+from service.queue.sqlite.statements import stamp
 
 SYNCHRONOUS_MODES = {"FULL": 2, "NORMAL": 1}
 BUSY_TIMEOUT_MS = 5000
@@ -20,14 +19,8 @@ BUSY_TIMEOUT_MS = 5000
 # lock for its whole transaction, so SELECT-then-UPDATE is race-free on any SQLite Python ships with.
 MIN_SQLITE = (3, 24, 0)
 
-_CREATE_MIGRATIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
+CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"""
-
-
-def stamp(ts: datetime) -> str:
-    """Fixed-width ISO 8601 UTC with microseconds (``2026-11-24T10:00:00.123000+00:00``): sorts and compares as
-    text, round-trips exactly. isoformat, not strftime: it is 3x cheaper, and this runs for every write."""
-    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def check_synchronous(value: str) -> str:
@@ -74,25 +67,6 @@ def connect(
     return conn
 
 
-def translate(exc: sqlite3.Error, path: str) -> ServiceError:
-    """A driver error as the service's own error, with a message an operator can act on."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    text = str(exc)
-    if isinstance(exc, sqlite3.IntegrityError):
-        return Conflict(f"conflict: {text}")
-    if name == "SQLITE_NOTADB" or "not a database" in text:
-        return StoreUnavailable(f"{path} is not a SQLite database ({text})")
-    if name.startswith("SQLITE_READONLY") or "readonly" in text or "read-only" in text:
-        return StoreUnavailable(f"{path} is read-only; the service needs to write to it ({text})")
-    if name == "SQLITE_FULL" or "disk is full" in text:
-        return StoreUnavailable(f"the disk holding {path} is full ({text})")
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
-        return StoreUnavailable(f"{path} is locked by another connection ({text})")
-    if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
-        return StoreUnavailable(f"cannot open {path} ({text})")
-    return StoreUnavailable(f"SQLite error on {path}: {text}")
-
-
 def read_pragmas(conn: sqlite3.Connection) -> dict[str, Any]:
     names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
     return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
@@ -117,7 +91,7 @@ def migrate(conn: sqlite3.Connection, known: list[Migration] | None = None) -> l
     for migration in todo:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(_CREATE_MIGRATIONS)
+            conn.execute(CREATE_MIGRATIONS_TABLE)
             # Another process may have applied it between our read and our write lock.
             again = pending(known, applied_versions(conn))
             if migration in again:
@@ -170,30 +144,3 @@ def migrations_pending(conn: sqlite3.Connection) -> bool:
         return bool(pending(load_migrations("sqlite"), applied_versions(conn)))
     except IncompatibleDatabase:
         return True
-
-
-class FileLock:
-    """An exclusive OS lock (flock) held for the life of a store: one service process per SQLite file.
-
-    The kernel drops it when the process dies, even on SIGKILL, so a restart never waits for a stale lock."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    @classmethod
-    def take(cls, path: str) -> FileLock:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise StoreUnavailable(
-                f"the SQLite database {path.removesuffix('.lock')} is in use by another service process; "
-                "SQLite serves one process: use PostgreSQL to run several instances"
-            ) from exc
-        return cls(fd)
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
