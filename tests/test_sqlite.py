@@ -220,6 +220,7 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (8, "multitask_strategy"),
         (9, "trace_context"),
         (10, "webhooks"),
+        (11, "cached_plans"),
     ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes

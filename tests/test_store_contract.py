@@ -165,9 +165,14 @@ async def test_list_sessions_newest_activity_first(store: Store, clock: FakeCloc
 
 
 async def test_list_sessions_ties_by_session_id(store: Store) -> None:
-    # Created together, so they share one time on every backend (on PostgreSQL: one group commit, one now()).
+    # Created together, so some share one time on every backend (on PostgreSQL: calls in one group commit share
+    # its now(); with two writers, the three may be cut into two batches, x and y together).
     await asyncio.gather(*(store.create_session(ALICE, sid, "default", None) for sid in ("y", "x", "z")))
-    assert [s.session_id for s in await store.list_sessions(ALICE)] == ["x", "y", "z"]
+    listed = await store.list_sessions(ALICE)
+    assert len({s.updated_at for s in listed}) < len(listed)  # a tie to break
+    newest_first = sorted(listed, key=lambda s: s.session_id)
+    newest_first.sort(key=lambda s: s.updated_at, reverse=True)  # stable: ties stay by session id
+    assert [s.session_id for s in listed] == [s.session_id for s in newest_first]
 
 
 async def test_delete_session_removes_everything_and_fences_its_run(store: Store) -> None:

@@ -1,4 +1,4 @@
-"""The queue's rules, each decided once (README "Storage and durability", "The one contract").
+"""The queue's rules, each decided once (README "The one contract").
 
 The memory store and SQLite's verb bodies (sqlite/functions.py) call these functions; where SQL decides a rule,
 it is written in statements that carry the same names (``CLAIMABLE``, ``STATUS_AFTER_END``, ...), and the
