@@ -11,6 +11,11 @@ one WebSocket client driving ONE session turn after turn (every 10th turn calls 
   cluster's, so the median turn is used: other databases' traffic makes spikes);
 * server CPU ms (user + system of the service process).
 
+On PostgreSQL it also prints the size on disk of the tables a turn writes (with their TOAST and indexes) after the
+early window and at the end, and their dead rows: ``sessions`` holds the state's head, rewritten every turn (its
+old versions are dead rows that autovacuum reclaims, so it must not grow with the turns), ``state_pieces`` and
+``entries`` are append-only (they grow with the conversation, by what each turn adds).
+
     python bench/long.py [--turns 1000] [--window 10] [--pg postgresql://... | --no-pg]
 
 Without ``--pg``, a throwaway database is created (and dropped) when PostgreSQL answers on 127.0.0.1:5432. The last
@@ -90,9 +95,14 @@ def proc_write_bytes(pid: int) -> int:
 
 
 async def drive(
-    server: Server, turns: int, window: int, written: Callable[[], Awaitable[int]]
+    server: Server,
+    turns: int,
+    window: int,
+    written: Callable[[], Awaitable[int]],
+    after_window: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[Window, Window, float]:
-    """Run ``turns`` turns on one session; the early and late windows and the wall time."""
+    """Run ``turns`` turns on one session; the early and late windows and the wall time. ``after_window`` is
+    called with the turn number after the last turn of each window."""
     early_first = max(1, EARLY_TURN - window // 2 + 1)
     early = Window(early_first, early_first + window - 1, [], [])
     late = Window(turns - window + 1, turns, [], [])
@@ -113,6 +123,8 @@ async def drive(
                     for w in measured:
                         w.bytes_per_turn.append(spent_bytes)
                         w.cpu_ms_per_turn.append(spent_cpu * 1000)
+                    if after_window is not None and any(n == w.last for w in measured):
+                        await after_window(n)
                 if n % 100 == 0:
                     print(
                         f"  turn {n}: {time.perf_counter() - began:.0f} s, reply ends {reply[-20:]!r}",
@@ -159,10 +171,35 @@ async def run_pg(folder: Path, team: Path, args: argparse.Namespace, url: str) -
                 lsn = await admin.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
                 return int(lsn)
 
-            early, late, seconds = await drive(srv, args.turns, args.window, written)
+            sizes: dict[int, dict[str, tuple[int, int]]] = {}
+
+            async def measure_tables(turn: int) -> None:
+                rows = await admin.fetch(TABLE_SIZES, list(GROWING_TABLES))
+                sizes[turn] = {r["relname"]: (int(r["bytes"]), int(r["dead"])) for r in rows}
+
+            early, late, seconds = await drive(srv, args.turns, args.window, written, measure_tables)
     finally:
         await admin.close()
-    return report("PostgreSQL", early, late, seconds, median=True)
+    ratio = report("PostgreSQL", early, late, seconds, median=True)
+    (first, at_first), (last, at_last) = sorted(sizes.items())
+    for table in GROWING_TABLES:
+        (b0, d0), (b1, d1) = at_first[table], at_last[table]
+        print(
+            f"  {table:<13} turn {first}: {b0 / 1024:8.0f} KiB, {d0:5} dead rows | turn {last}: "
+            f"{b1 / 1024:8.0f} KiB, {d1:5} dead rows ({GROWING_TABLES[table]})"
+        )
+    return ratio
+
+
+# The tables a turn writes (README "Storage and durability"), and how each should behave.
+GROWING_TABLES = {
+    "sessions": "the state's head, rewritten every turn: bounded",
+    "state_pieces": "append-only: grows by each turn's new items",
+    "entries": "append-only: the log",
+}
+TABLE_SIZES = """SELECT c.relname, pg_total_relation_size(c.oid) AS bytes, COALESCE(s.n_dead_tup, 0) AS dead
+FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.relname = ANY($1::text[]) AND c.relkind = 'r'"""
 
 
 async def main() -> None:
