@@ -70,9 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "pg_writers",
-        2,
-        "PostgreSQL: connections that group-commit writes at once (the database works on their batches in"
-        " parallel)",
+        1,
+        "PostgreSQL: connections that group-commit writes at once; more than 1 only pays when the database"
+        " server has idle cores (each writer's batches are smaller, so a write costs it more CPU)",
     ),
     Setting(
         "lease_s",
@@ -163,7 +163,7 @@ class Config:
     auth: str = "none"
     sqlite_synchronous: str = "FULL"
     sqlite_wal_limit_mb: int = 64
-    pg_writers: int = 2
+    pg_writers: int = 1
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
     poll_interval_s: float = 1.0

@@ -37,8 +37,12 @@ def pg_url() -> Iterator[str]:
 
 
 @asynccontextmanager
-async def instances(url: str, clock: FakeClock, n: int = 2) -> AsyncIterator[list[PostgresStore]]:
-    stores = [PostgresStore(url, clock=clock, db_clock_offset=clock.db_offset) for _ in range(n)]
+async def instances(
+    url: str, clock: FakeClock, n: int = 2, writers: int = 1
+) -> AsyncIterator[list[PostgresStore]]:
+    stores = [
+        PostgresStore(url, clock=clock, db_clock_offset=clock.db_offset, writers=writers) for _ in range(n)
+    ]
     try:
         await asyncio.gather(*(s.open() for s in stores))
         yield stores
@@ -407,7 +411,8 @@ async def deadlocks_in(url: str) -> int:
 
 
 async def test_instances_writing_at_once_never_deadlock(pg_url: str, clock: FakeClock) -> None:
-    """Two instances' group commits lock sessions in one order, claims included: a claim locks the session it
+    """Two instances with two writers each (four writers at once): their group commits lock sessions in one
+    order, claims included: a claim locks the session it
     picks (SKIP LOCKED, never waiting) AFTER the batch's other calls locked theirs, so two batches never wait on
     each other in a cycle. (A deadlock is not lost work, the batch is replayed, but PostgreSQL takes
     deadlock_timeout, 1 s, to see it: two instances ran slower than one.)"""
@@ -431,7 +436,7 @@ async def test_instances_writing_at_once_never_deadlock(pg_url: str, clock: Fake
             done += 1
 
     before = await deadlocks_in(pg_url)
-    async with instances(pg_url, clock) as (a, b):
+    async with instances(pg_url, clock, writers=2) as (a, b):
         async with asyncio.timeout(60):
             await asyncio.gather(
                 *(produce(a if s % 2 else b, s) for s in range(sessions)),

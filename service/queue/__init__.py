@@ -31,7 +31,7 @@ def open_store(
     sqlite_wal_limit_mb: int = 64,
     db_clock_offset: Callable[[], float] | None = None,
     webhook_url: str | None = None,
-    pg_writers: int = 2,
+    pg_writers: int = 1,
 ) -> Store:
     """A store (not yet opened) for ``url``: ``memory://``, ``sqlite:///path``, a plain file path, or
     ``postgresql://...``. ``exclusive``: this process is a SQLite file's only service (see SqliteStore).

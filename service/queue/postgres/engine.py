@@ -9,11 +9,12 @@ nothing; if the statement fails for another reason (a value the database refuses
 was committed and the batch is run again one call per statement, so only the failing call fails. A lost
 connection fails the whole batch with StoreUnavailable; the next batch reconnects.
 
-Several writers (``pg_writers``, default 2): each takes the calls waiting when it is free, so while one batch
-runs in the database the next one is already being gathered and sent on another connection, and the database
-works on both at once (it is one process per connection). The lock order is what makes that safe: batches of
-two writers are no different from batches of two instances. A caller has one call in flight at a time, so
-one caller's calls still commit in the order it made them.
+Several writers (``pg_writers``, default 1): each takes its share of the calls waiting when it is free, and
+the database works on their batches at once (one process per connection). The lock order is what makes that
+safe: batches of two writers are no different from batches of two instances. A caller has one call in flight at
+a time, so one caller's calls still commit in the order it made them. Measured (bench/queue.py, README
+"Benchmarks"): two writers make more, smaller commits, which costs the database ~35% more CPU per write, so they
+only pay on a database server with idle cores.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from service.queue.postgres.schema import init_connection
 
 Offset = Callable[[], float]  # seconds added to the database's clock (0 in production; tests move it)
 MAX_BATCH = 256  # bounds one transaction's locks and the wait of its first caller
-DEFAULT_WRITERS = 2
+DEFAULT_WRITERS = 1
 
 
 @dataclass(slots=True)
