@@ -4,7 +4,8 @@
 Same team (the demo model with no chunk delay, its calculator tool), same number of sessions and turns. The bare
 loop keeps one team object per session and calls ``team.run_stream`` turn after turn, all sessions concurrently
 in one event loop, writing nothing. The pool does what the service does: claim each input under a lease, build a
-fresh team, load the saved state, append every entry durably (SQLite, synchronous=FULL), publish, save the state.
+fresh team and load the saved state (or take the session's live team: README "Configuration", live_teams), append
+every entry durably (SQLite, synchronous=FULL), publish, save the state.
 
     python bench/worker.py [--sessions 32] [--turns 10] [--workers 32]
 

@@ -60,6 +60,7 @@ def create_app(config: Config, *, store: Store | None = None, start_workers: boo
         stop_timeout_s=config.stop_timeout_s,
         stall_timeout_s=config.stall_timeout_s,
         draft_interval_s=config.draft_interval_s,
+        live_teams=config.live_teams,
         metrics=app[keys.METRICS],
     )
     app.cleanup_ctx.append(_store_ctx)

@@ -112,6 +112,13 @@ SETTINGS: tuple[Setting, ...] = (
         " after a crash it becomes a partial entry); 0: not saved",
     ),
     Setting(
+        "live_teams",
+        32,
+        "sessions whose team object this process keeps after a completed run (least recently used out), so their"
+        " next run here skips building the team and loading its state; used only when nothing else changed that"
+        " state; 0: build every run",
+    ),
+    Setting(
         "max_interruptions",
         DEFAULT_MAX_INTERRUPTIONS,
         "times the process may die while running one message before it ends with a final run_failed; 0: no cap",
@@ -174,6 +181,7 @@ class Config:
     stop_timeout_s: float = 10.0
     stall_timeout_s: float = 900.0
     draft_interval_s: float = 0.25
+    live_teams: int = 32
     max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
     session_ttl_days: float = 0.0
     sweep_interval_s: float = 600.0
@@ -240,7 +248,13 @@ class Config:
                 raise ConfigError(f"{setting.name} must be a finite number, got {value}")
         if self.stop_timeout_s <= 0:
             raise ConfigError("stop_timeout_s must be positive")
-        for name in ("stall_timeout_s", "max_interruptions", "draft_interval_s", "session_ttl_days"):
+        for name in (
+            "stall_timeout_s",
+            "max_interruptions",
+            "draft_interval_s",
+            "session_ttl_days",
+            "live_teams",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.heartbeat_s >= self.lease_s:

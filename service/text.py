@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -30,6 +32,16 @@ def repair_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [repair_json(v) for v in value]
     return value
+
+
+def clean_json(value: Any) -> tuple[Any, bytes | None]:
+    """``(value, its orjson text)`` when no text in it needs ``repair`` (orjson refuses surrogates, so one C pass
+    over it decides, without walking it in Python), else ``(repair_json(value), None)``. Also None for what orjson
+    cannot write at all (the store would refuse it the same way)."""
+    try:
+        return value, orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return repair_json(value), None
 
 
 def split_trailing_high_surrogate(text: str) -> tuple[str, str]:

@@ -4,15 +4,19 @@ AutoGen's ``save_state()`` of a team holds lists that grow with the conversation
 ``llm_context.messages``, the manager's ``message_thread``, agents' ``message_buffer``); everything else is
 small. A saved state is split into:
 
-* the **head**: the state with each growing list emptied, plus a manifest ``{path: [count, chain]}`` (``path`` is
-  the JSON array of keys leading to the list; ``chain`` a hash over the list's items in order). It is rewritten
-  on every save, and stays small;
+* the **head**: the state with each growing list emptied, plus a manifest ``{path: [count, digest]}`` (``path`` is
+  the JSON array of keys leading to the list; ``digest`` a SHA-256 of the list's JSON array text, which is its
+  items' texts joined by commas in brackets). It is rewritten on every save, and stays small;
 * the **pieces**: one row per list item, keyed by (session, path, index), holding the item's JSON text.
 
 A save compares the new lists with the manifest the run's claim read (``Claim.state_manifest``: under the lease
-nothing else writes the state): a list whose first ``count`` items hash to the stored chain only appends the
-items after them; any other list (an item changed, the list shrank, a path is new) is rewritten from index 0.
-Reading reassembles the head and the pieces (only ``index < count`` counts), in the claim's own transaction.
+nothing else writes the state): a list whose first ``count`` items have the stored digest only appends the items
+after them; any other list (an item changed, the list shrank, a path is new) is rewritten from index 0. Only the
+items written are serialised one by one; the comparison serialises and hashes each list in one C call each, so
+the Python work of a save follows what the run added, not the conversation (README "Benchmarks"). A digest of
+another form (saved by an earlier version, which chained a hash item by item) never matches: that list is
+rewritten once. Reading reassembles the head and the pieces (only ``index < count`` counts), in the claim's own
+transaction.
 
 A head without a manifest is a state saved whole by a version before migration 0006: it loads as it is, and the
 next save stores it in pieces. The memory backend keeps the dict and needs none of this.
@@ -34,9 +38,9 @@ import orjson
 GROWING_KEYS = frozenset({"messages", "message_thread", "message_buffer"})
 MANIFEST = "__pieces__"  # a key AutoGen never writes at the top of a state
 HEAD = "head"
-_EMPTY_CHAIN = b""
+DIGEST_CHARS = 32  # of a SHA-256 hex digest
 
-Manifest = dict[str, tuple[int, str]]  # path -> (count, chain hex)
+Manifest = dict[str, tuple[int, str]]  # path -> (count, digest hex)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +66,13 @@ class StateSave:
     clear: bool  # drop every stored piece of the session first (nothing known about them)
 
 
-def _split(node: Any, path: list[str], lists: dict[str, list[bytes]]) -> Any:
-    """A copy of ``node`` with every growing list emptied; the lists' items (as JSON bytes) go to ``lists``."""
+def _split(node: Any, path: list[str], lists: dict[str, list[Any]]) -> Any:
+    """A copy of ``node`` with every growing list emptied; the lists (by path) go to ``lists``."""
     if isinstance(node, Mapping):
         out: dict[Any, Any] = {}
         for key, value in node.items():
             if key in GROWING_KEYS and isinstance(value, list):
-                lists[orjson.dumps([*path, key]).decode()] = [orjson.dumps(v) for v in value]
+                lists[orjson.dumps([*path, key]).decode()] = value
                 out[key] = []
             else:
                 out[key] = _split(value, [*path, str(key)], lists)
@@ -76,24 +80,41 @@ def _split(node: Any, path: list[str], lists: dict[str, list[bytes]]) -> Any:
     return node  # lists that do not grow (and scalars) stay in the head as they are
 
 
+def _digest(hashed: Any) -> str:
+    return str(hashed.hexdigest()[:DIGEST_CHARS])
+
+
+def _plan_list(items: list[Any], count: int, digest: str) -> tuple[int, list[bytes], str]:
+    """``(keep, the JSON texts of items[keep:], the list's digest)``: ``keep`` is ``count`` when the list's first
+    ``count`` items are the stored ones (their array text has ``digest``), else 0. One orjson call writes the
+    whole array (in C); only the items to write are written one by one."""
+    text = orjson.dumps(items)  # "[" + the items' own texts joined by "," + "]", which the pieces hold
+    if not 0 <= count <= len(items):
+        return 0, [orjson.dumps(v) for v in items], _digest(hashlib.sha256(text))
+    tail = [orjson.dumps(v) for v in items[count:]]
+    # Where the first ``count`` items end in ``text`` (before the comma of the first of the others).
+    end = 1 if count == 0 else len(text) - 1 - sum(len(t) + 1 for t in tail)
+    whole = hashlib.sha256(memoryview(text)[:end])
+    prefix = whole.copy()
+    prefix.update(b"]")
+    whole.update(memoryview(text)[end:])
+    if _digest(prefix) == digest:
+        return count, tail, _digest(whole)
+    return 0, [orjson.dumps(v) for v in items], _digest(whole)
+
+
 def plan_save(state: Mapping[str, Any], stored: Manifest | None) -> StateSave:
     """Split ``state`` and decide what to write, given the manifest of what is stored (None: unknown)."""
-    lists: dict[str, list[bytes]] = {}
+    lists: dict[str, list[Any]] = {}
     head = _split(state, [], lists)
     manifest: Manifest = {}
     writes = []
     for path, items in lists.items():
-        count, chain = (stored or {}).get(path, (-1, ""))
-        digest, keep = _EMPTY_CHAIN, 0
-        for i, item in enumerate(items):
-            if i == count and digest.hex() == chain:
-                keep = count
-            digest = hashlib.blake2b(digest + item, digest_size=16).digest()
-        if count == len(items) and digest.hex() == chain:
-            keep = count
-        manifest[path] = (len(items), digest.hex())
+        count, digest = (stored or {}).get(path, (-1, ""))
+        keep, texts, manifest_digest = _plan_list(items, count, digest)
+        manifest[path] = (len(items), manifest_digest)
         if keep < len(items) or (stored is not None and keep != count):
-            writes.append(PieceWrite(path, keep, [item.decode() for item in items[keep:]]))
+            writes.append(PieceWrite(path, keep, [t.decode() for t in texts]))
     if stored is not None:  # lists that disappeared (a removed agent): drop their pieces
         writes.extend(PieceWrite(path, 0, []) for path in stored if path not in lists)
     text = orjson.dumps({MANIFEST: {p: list(v) for p, v in manifest.items()}, HEAD: head}).decode()

@@ -25,12 +25,14 @@ from service.models import Claim, utcnow
 from service.queue import rules
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
+from service.worker.live_teams import LiveTeams
 from service.worker.logs import error_line, install_log_filters
-from service.worker.runner import Run, RunDeps, StopReason
+from service.worker.runner import Run, RunDeps, StopReason, close_model_clients
 from service.worker.teams import TeamRegistry
 
 log = logging.getLogger(__name__)
 DEFAULT_RETRY = RetryPolicy()
+DEFAULT_LIVE_TEAMS = 32
 CANCEL_CHECK_MIN_S = 0.1
 
 
@@ -75,6 +77,7 @@ class WorkerPool:
         stop_timeout_s: float = 10.0,
         stall_timeout_s: float = 900.0,
         draft_interval_s: float = 0.25,
+        live_teams: int = DEFAULT_LIVE_TEAMS,
         worker_id: str | None = None,
         clock: Clock = utcnow,
         metrics: PoolMetrics | None = None,
@@ -86,6 +89,8 @@ class WorkerPool:
         self.worker_id = worker_id or f"w_{uuid.uuid4().hex[:12]}"
         self.metrics = metrics
         self.stats = PoolStats()
+        # Teams kept between runs of a session (README "Configuration": live_teams).
+        self.live_teams = LiveTeams(live_teams)
         self.failed: BaseException | None = None
         self._deps = RunDeps(
             store,
@@ -97,6 +102,7 @@ class WorkerPool:
             stop_timeout_s=stop_timeout_s,
             stall_timeout_s=stall_timeout_s,
             draft_interval_s=draft_interval_s,
+            live_teams=self.live_teams,
         )
         self._poll_interval_s = poll_interval_s
         # By run id: a fenced run of a session may still be winding down while its retry already runs.
@@ -159,6 +165,8 @@ class WorkerPool:
         if left:
             log.info("worker pool %s: interrupting %d unfinished run(s)", self.worker_id, len(left))
             await asyncio.gather(*(task for _, task in left), return_exceptions=True)
+        for live in self.live_teams.drain():
+            await close_model_clients(live.team)
         log.info("worker pool %s stopped", self.worker_id)
 
     async def run_until_idle(self) -> None:

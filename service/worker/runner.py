@@ -1,4 +1,5 @@
-"""One claim = one run: build a fresh team, load its state, stream the run into the log, finish, save state.
+"""One claim = one run: build a fresh team and load its state (or take the session's live team, which already
+holds it: ``live_teams``), stream the run into the log, finish, save state.
 
 The claim already committed the run's ``run_started`` entry and brought the saved state along, so the team
 starts without another round trip to the store. Every durable entry is appended (committed) before it is
@@ -21,7 +22,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autogen_agentchat.agents import UserProxyAgent
@@ -53,10 +54,18 @@ from service.models import (
 )
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
-from service.text import repair_json
+from service.text import clean_json
+from service.worker.live_teams import LiveTeam, LiveTeams, release_proxies, start_next_round, state_digest
 from service.worker.logs import error_line, public_error_line
 from service.worker.messages import to_entry
-from service.worker.state import drop_delivered_buffers, prepare_state, remember_partial, resume_task
+from service.worker.state import (
+    State,
+    drop_delivered_buffers,
+    next_round,
+    prepare_state,
+    remember_partial,
+    resume_task,
+)
 from service.worker.streaming import Streamer
 from service.worker.teams import TeamRegistry
 
@@ -109,6 +118,7 @@ class RunDeps:
     stop_timeout_s: float = 10.0
     stall_timeout_s: float = 900.0  # 0: no stall detection
     draft_interval_s: float = 0.25  # 0: streamed text is not saved as a draft
+    live_teams: LiveTeams = field(default_factory=lambda: LiveTeams(0))  # teams kept between runs (none)
 
 
 def participants(team: Team) -> list[Any]:
@@ -164,6 +174,13 @@ class Run:
         # question is durable (else the log would show the answer first, and the session stay awaiting_input).
         self._asked: set[str] = set()
         self._asked_changed = asyncio.Event()
+        # The team: a live one taken from ``deps.live_teams`` (None: built for this run), its fresh state and the
+        # state this run started from (what keeping it after the run is checked against), and whether it was kept.
+        self._live: LiveTeam | None = None
+        self._fresh: State | None = None
+        self._start: State | None = None
+        self._proxies: list[UserProxyAgent] = []
+        self._kept = False
 
     def stop(self, reason: StopReason) -> None:
         """Stop the run (idempotent; the first reason wins)."""
@@ -212,21 +229,40 @@ class Run:
     async def _execute(self) -> Outcome:
         if self.claim.started is not None:  # committed by the claim itself
             self._publish([self.claim.started])
-        try:
-            team = self.deps.teams.build(self.claim.team)
-        except Exception as exc:
-            log.error("%s: team %r cannot be built: %s", self.describe(), self.claim.team, error_line(exc))
-            return await self._failed(
-                PermanentError(
-                    f"team {self.claim.team!r} cannot be built (the server log says why); check the team's"
-                    " configuration: messages sent once it is fixed run normally"
+        self._live = await self._take_live_team()
+        if self._live is not None:
+            team = self._live.team
+        else:
+            try:
+                team = self.deps.teams.build(self.claim.team)
+            except Exception as exc:
+                log.error(
+                    "%s: team %r cannot be built: %s", self.describe(), self.claim.team, error_line(exc)
                 )
-            )
+                return await self._failed(
+                    PermanentError(
+                        f"team {self.claim.team!r} cannot be built (the server log says why); check the team's"
+                        " configuration: messages sent once it is fixed run normally"
+                    )
+                )
         try:
             return await self._execute_team(team)
         finally:
-            # A fresh team per run means fresh model clients: close them, or every run leaks its connections.
-            await close_model_clients(team)
+            if not self._kept:
+                # A team not kept for the next run: close its model clients, or every run leaks its connections.
+                await close_model_clients(team)
+
+    async def _take_live_team(self) -> LiveTeam | None:
+        """The session's live team when it fits this claim (module ``live_teams``); a stale one is closed."""
+        live = self.deps.live_teams.take(self.claim.session_id)
+        if live is None:
+            return None
+        if live.fits(self.claim.team, self.deps.teams.builder(self.claim.team), self.claim.team_state):
+            self.deps.live_teams.reused += 1
+            return live
+        self.deps.live_teams.dropped += 1
+        await close_model_clients(live.team)
+        return None
 
     async def _execute_team(self, team: Team) -> Outcome:
         try:
@@ -241,11 +277,39 @@ class Run:
             return await self._stopped(team)
         if self.stop_reason is not None:  # cancelled at the very end (autogen#7100): honour the stop
             return await self._stopped(team)
-        state = repair_json(dict(await team.save_state()))  # provider text may hold halves of UTF-16 pairs
+        # Provider text may hold halves of UTF-16 pairs: repaired (and then the team is not kept: it still holds them).
+        state, state_json = clean_json(dict(await team.save_state()))
         reason = result.stop_reason or "finished"
         entry = lifecycle(RUN_COMPLETED, f"Run completed: {reason}", stop_reason=reason, **self._details())
-        self._publish([await self.deps.store.finish(self.claim, entry, state)])
+        keep = await self._to_keep(team, state, state_json)
+        written = await self.deps.store.finish(self.claim, entry, state)
+        pushed_out: list[LiveTeam] = []
+        if keep is not None:  # committed: the next claim of the session brings exactly this state
+            pushed_out = self.deps.live_teams.put(self.claim.session_id, keep)
+            self._kept = all(out.team is not team for out in pushed_out)
+        self._publish([written])
+        for out in pushed_out:
+            if out.team is not team:
+                await close_model_clients(out.team)
         return Outcome.COMPLETED
+
+    async def _to_keep(self, team: Team, state: State, state_json: bytes | None) -> LiveTeam | None:
+        """The team as a live team for the session's next run, brought to what a fresh team would load for it
+        (``state.next_round``); None when it is not to be kept (then it is used for nothing more)."""
+        if self.deps.live_teams.size == 0 or state_json is None or self._fresh is None or self._start is None:
+            return None
+        round_ = next_round(state, self._fresh, self._start)
+        if round_ is None:
+            return None
+        try:
+            if not await start_next_round(team, round_):
+                return None
+        except Exception as exc:
+            log.warning("%s: the team is not kept for the next run: %s", self.describe(), error_line(exc))
+            return None
+        release_proxies(team, self._proxies)
+        builder = self.deps.teams.builder(self.claim.team)
+        return LiveTeam(team, self.claim.team, builder, state_digest(state_json), self._fresh)
 
     async def _run_team(self, team: Team) -> TaskResult:
         """Prepare the team, then run it; a team that cannot take the session's state fails for good."""
@@ -262,17 +326,25 @@ class Run:
         return await self._consume(team, task)
 
     async def _prepare(self, team: Team) -> str | HandoffMessage:
-        """Load the state this run starts from (``state.prepare_state``) and wire the human input; the task."""
-        fresh = await team.save_state()
-        state = prepare_state(self.claim.team_state, fresh)  # the saved state came with the claim
-        await team.load_state(state)
+        """Load the state this run starts from (``state.prepare_state``) and wire the human input; the task.
+        A live team already holds that state: the claim's saved state is what it saved (``LiveTeam.fits``) and it
+        was brought to the start of a new round when it was kept."""
+        saved = self.claim.team_state  # the saved state came with the claim
+        if self._live is not None:
+            fresh = self._live.fresh
+            state = prepare_state(saved, fresh, checked=saved)
+        else:
+            fresh = dict(await team.save_state())
+            state = prepare_state(saved, fresh)
+            await team.load_state(state)
+        self._fresh, self._start = fresh, state
         self.prepared = True
-        proxies = user_proxies(team)
-        for proxy in proxies:
+        self._proxies = user_proxies(team)
+        for proxy in self._proxies:
             # Not serialised in configs (a loaded proxy reads stdin); ours takes the session's next message.
             proxy.input_func = self._input_func
             proxy._is_async = True
-        self._proxy_names = frozenset(p.name for p in proxies)
+        self._proxy_names = frozenset(p.name for p in self._proxies)
         return resume_task(state, self.claim.content)
 
     async def _stream(self, team: Team) -> TaskResult:
@@ -492,7 +564,7 @@ async def _saved_state(team: Team) -> dict[str, Any] | None:
     """The team's state after a stop (bounded: the team may be abandoned), or None to keep the previous one."""
     try:
         state = await asyncio.wait_for(team.save_state(), AFTER_RUN_TIMEOUT_S)
-        return drop_delivered_buffers(repair_json(dict(state)))
+        return drop_delivered_buffers(clean_json(dict(state))[0])
     except Exception as exc:  # the cancel still counts; the next run starts from the previous state
         log.warning("could not save the team state after a cancel: %s", error_line(exc))
         return None

@@ -19,18 +19,23 @@ team's ``TeamState`` there for a nested team) and one state for the group chat m
 * **Swarm hand-offs to the user.** When the last hand-off in a Swarm's thread targets someone outside the team
   (the documented human-in-the-loop pattern), the next user message is a ``HandoffMessage`` back to the agent
   that handed off, as AutoGen requires (``resume_task``).
+
+A team kept alive between runs (README "Configuration": ``live_teams``) must start its next run from exactly
+the same state: ``next_round`` says what it lacks for that, with the same rules (``prepare_state`` itself), and
+looks only at what the run added: the cost of a turn does not grow with the conversation.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from autogen_agentchat.messages import HandoffMessage
 
 from service.models import Draft, iso, utcnow
-from service.text import repair_json
+from service.text import clean_json
 
 CANCELLED_TOOL_RESULT = "The tool call was stopped before it finished; its result is unknown."
 TEAM_STATE = "TeamState"
@@ -39,14 +44,57 @@ USER = "user"
 State = dict[str, Any]
 
 
-def prepare_state(saved: Mapping[str, Any] | None, fresh: Mapping[str, Any]) -> State:
+def prepare_state(
+    saved: Mapping[str, Any] | None, fresh: Mapping[str, Any], *, checked: Mapping[str, Any] | None = None
+) -> State:
     """The state to load into a freshly built team for a new run (see the module docstring).
 
     ``saved``: the state saved by the session's last finished run (None: nothing saved yet).
     ``fresh``: ``save_state()`` of the freshly built team, before anything is loaded into it.
-    Returns a new dict; neither argument is changed. Text is repaired (``service.text``): a state saved before
-    repair existed may hold halves of UTF-16 pairs that no provider accepts."""
-    return _merge_team(None if saved is None else repair_json(dict(saved)), copy.deepcopy(dict(fresh)))
+    ``checked``: None, or a state known to be in order (clean text, no tool call without its result) whose model
+    contexts ``saved``'s only append to (the state the team started its last run from): then only the messages
+    after them are looked at, and ``saved``'s text is taken as clean. Text is otherwise repaired
+    (``service.text``): a state saved before repair existed may hold halves of UTF-16 pairs that no provider
+    accepts.
+    Returns a new dict that shares ``saved``'s unchanged parts (its message lists are not copied, which would cost
+    as much as the conversation): neither argument is changed, and changing the result would change ``saved``."""
+    if saved is not None and checked is None:
+        saved = clean_json(dict(saved))[0]
+    return _merge_team(saved, copy.deepcopy(dict(fresh)), checked)
+
+
+@dataclass(frozen=True, slots=True)
+class NextRound:
+    """What a team that saved a state at the end of a completed run lacks to be, for its next run, exactly what a
+    freshly built team would load: ``start`` (``prepare_state(saved, fresh)``). ``manager`` names the one group
+    chat manager whose state differs (its counters: turn, round-robin position, graph progress, not its thread),
+    or None when nothing differs."""
+
+    start: State
+    manager: str | None
+
+
+def next_round(
+    saved: Mapping[str, Any], fresh: Mapping[str, Any], checked: Mapping[str, Any]
+) -> NextRound | None:
+    """For a team kept alive after a completed run: ``saved`` is what it saved (text known clean), ``fresh`` its
+    fresh state, ``checked`` the state its run started from. None when the next run would start from more than a
+    reloaded top manager (a tool call left without its result, a nested team's progress): build that team
+    afresh. Looks at what the run added, not at the whole conversation."""
+    start = prepare_state(saved, fresh, checked=checked)
+    top = {k: v for k, v in start.items() if k != "agent_states"}
+    if top != {k: v for k, v in saved.items() if k != "agent_states"}:
+        return None
+    before, after = _agents(saved), _agents(start)
+    if before.keys() != after.keys():
+        return None
+    # The lists are shared with ``saved`` where nothing changed, so these comparisons stop at their identity.
+    changed = [name for name, part in after.items() if part != before[name]]
+    if not changed:
+        return NextRound(start, None)
+    if len(changed) == 1 and _is_manager(after[changed[0]]):
+        return NextRound(start, changed[0])
+    return None
 
 
 def participant_names(state: Mapping[str, Any]) -> list[str]:
@@ -73,13 +121,16 @@ def resume_task(state: Mapping[str, Any], text: str) -> str | HandoffMessage:
     return HandoffMessage(source=USER, target=str(target), content=text)
 
 
-def repair_tool_calls(messages: list[Any]) -> list[Any]:
-    """A model context's messages with an error result added for every assistant tool call that has none."""
-    repaired: list[Any] = []
-    i = 0
+def repair_tool_calls(messages: list[Any], start: int = 0) -> list[Any]:
+    """A model context's messages with an error result added for every assistant tool call that has none: the
+    list itself when none lacks one. Only the messages from ``start`` on are looked at (those before are known
+    complete)."""
+    tail: list[Any] = []
+    changed = False
+    i = start
     while i < len(messages):
         message = messages[i]
-        repaired.append(message)
+        tail.append(message)
         i += 1
         calls = _tool_calls(message)
         if not calls:
@@ -87,7 +138,7 @@ def repair_tool_calls(messages: list[Any]) -> list[Any]:
         after = messages[i] if i < len(messages) and _is_results(messages[i]) else None
         results = list(after.get("content") or []) if after is not None else []
         answered = {r.get("call_id") for r in results if isinstance(r, dict)}
-        results += [
+        missing = [
             {
                 "content": CANCELLED_TOOL_RESULT,
                 "name": c.get("name", ""),
@@ -97,10 +148,13 @@ def repair_tool_calls(messages: list[Any]) -> list[Any]:
             for c in calls
             if c.get("id") not in answered
         ]
+        if not missing:
+            continue
+        changed = True
         if after is not None:
             i += 1  # replaced by the completed results below
-        repaired.append({**(after or {}), "type": "FunctionExecutionResultMessage", "content": results})
-    return repaired
+        tail.append({**(after or {}), "type": "FunctionExecutionResultMessage", "content": results + missing})
+    return messages[:start] + tail if changed else messages
 
 
 def remember_partial(state: Mapping[str, Any], cut: Draft) -> State:
@@ -160,19 +214,21 @@ def _is_manager(part: Any) -> bool:
     return isinstance(part, dict) and "message_thread" in part
 
 
-def _merge_team(saved: Mapping[str, Any] | None, fresh: State) -> State:
-    old_agents = _agents(saved)
+def _merge_team(saved: Mapping[str, Any] | None, fresh: State, checked: Mapping[str, Any] | None) -> State:
+    old_agents, checked_agents = _agents(saved), _agents(checked)
     names = participant_names(fresh)
     merged: dict[str, Any] = {}
     for name, part in _agents(fresh).items():
         old = old_agents.get(name)
         merged[name] = (
-            _merge_manager(old, part, names) if _is_manager(part) else _merge_participant(old, part)
+            _merge_manager(old, part, names)
+            if _is_manager(part)
+            else _merge_participant(old, part, checked_agents.get(name))
         )
     return {**fresh, "agent_states": merged}
 
 
-def _merge_participant(old: Any, fresh: Any) -> Any:
+def _merge_participant(old: Any, fresh: Any, checked: Any) -> Any:
     if not (isinstance(old, dict) and isinstance(fresh, dict)) or old.get("type") != fresh.get("type"):
         return fresh
     old_inner, fresh_inner = old.get("agent_state"), fresh.get("agent_state")
@@ -180,36 +236,46 @@ def _merge_participant(old: Any, fresh: Any) -> Any:
         return fresh
     if old_inner.get("type") != fresh_inner.get("type"):
         return fresh  # another kind of agent under the same name: its old state cannot load
+    checked_inner = checked.get("agent_state") if isinstance(checked, dict) else None
+    checked_inner = checked_inner if isinstance(checked_inner, dict) else None
     if fresh_inner.get("type") == TEAM_STATE:
-        inner = _merge_team(old_inner, fresh_inner)
+        inner = _merge_team(old_inner, fresh_inner, checked_inner)
     else:
-        inner = _repair_contexts(old_inner)
-        for (
-            key,
-            value,
-        ) in fresh_inner.items():  # an agent wrapping a team (SocietyOfMindAgent's inner_team_state)
+        inner = _repair_contexts(old_inner, checked_inner)
+        # An agent wrapping a team (SocietyOfMindAgent's inner_team_state).
+        for key, value in fresh_inner.items():
             if isinstance(value, dict) and value.get("type") == TEAM_STATE:
-                inner[key] = _merge_team(old_inner.get(key), value)
+                inner[key] = _merge_team(old_inner.get(key), value, (checked_inner or {}).get(key))
     return {**old, "agent_state": inner}
 
 
 def _merge_manager(old: Any, fresh: State, names: Collection[str]) -> State:
     if not isinstance(old, dict) or old.get("type") != fresh.get("type"):
         return fresh
-    merged = {**fresh, "message_thread": copy.deepcopy(old.get("message_thread") or [])}
+    merged = {**fresh, "message_thread": old.get("message_thread") or []}
     if "current_speaker" in fresh and old.get("current_speaker") in names:
-        merged["current_speaker"] = old[
-            "current_speaker"
-        ]  # a Swarm goes on with the agent that has the floor
+        # A Swarm goes on with the agent that has the floor.
+        merged["current_speaker"] = old["current_speaker"]
     return merged
 
 
-def _repair_contexts(agent_state: State) -> State:
+def _repair_contexts(agent_state: State, checked: State | None) -> State:
     context = agent_state.get("llm_context")
     if not isinstance(context, dict) or not isinstance(context.get("messages"), list):
-        return copy.deepcopy(agent_state)
-    repaired = {**context, "messages": repair_tool_calls(copy.deepcopy(context["messages"]))}
-    return {**copy.deepcopy(agent_state), "llm_context": repaired}
+        return dict(agent_state)
+    messages = context["messages"]
+    known = _context_messages(checked)
+    start = len(known) if known is not None and len(known) <= len(messages) else 0
+    repaired = repair_tool_calls(messages, start)
+    if repaired is messages:
+        return dict(agent_state)
+    return {**agent_state, "llm_context": {**context, "messages": repaired}}
+
+
+def _context_messages(agent_state: State | None) -> list[Any] | None:
+    context = agent_state.get("llm_context") if agent_state is not None else None
+    messages = context.get("messages") if isinstance(context, dict) else None
+    return messages if isinstance(messages, list) else None
 
 
 def _tool_calls(message: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Teams by name: AutoGen declarative component JSON (``dump_component()``, AutoGen Studio exports) or a
 Python factory ``"module:function"``. Every config is loaded once at construction, so a bad one stops the service at
-start instead of failing at the first message; ``build(name)`` then returns a FRESH team for every run.
+start instead of failing at the first message; ``build(name)`` then returns a FRESH team (for every run that has
+no live team to take: ``live_teams``).
 
 API keys never come from a team file: a dumped key is the mask ``**********``, which we drop so that the model
 client reads its environment variable (``OPENAI_API_KEY``) instead.
@@ -157,8 +158,13 @@ class TeamRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._builders
 
+    def builder(self, name: str) -> TeamBuilder | None:
+        """What builds the team ``name`` (a live team is used again only for the builder that made it)."""
+        return self._builders.get(name)
+
     def build(self, name: str) -> Team:
-        """A fresh team object (never reuse one across runs: a cancelled or failed team is broken)."""
+        """A fresh team object. A team is used for another run only when its run completed (a cancelled or failed
+        team is broken): ``live_teams``."""
         builder = self._builders.get(name)
         if builder is None:
             raise TeamConfigError(f"unknown team {name!r} (configured: {', '.join(self.names())})")
