@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -329,12 +330,21 @@ def _parse_teams(value: Any, origin: str) -> dict[str, str]:
     return teams
 
 
+FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def names_a_factory(spec: str) -> bool:
+    """A team spec is ``module:function`` (a factory) or else a JSON file path: the one rule, for the config
+    and the team registry."""
+    return not spec.endswith(".json") and FACTORY_SPEC.match(spec) is not None
+
+
 def _beside(config_file: Path, teams: Mapping[str, str]) -> dict[str, str]:
     """Team files named in a config file are found beside it (README "Configuration"), wherever the service
-    is started from: a relative ``.json`` path is taken relative to the config file's folder."""
+    is started from: a relative file path is taken relative to the config file's folder."""
     folder = config_file.resolve().parent
     return {
-        name: str(folder / spec) if spec.endswith(".json") and not Path(spec).is_absolute() else spec
+        name: spec if names_a_factory(spec) or Path(spec).is_absolute() else str(folder / spec)
         for name, spec in teams.items()
     }
 

@@ -48,16 +48,18 @@ def test_team_files_named_in_a_config_file_are_found_beside_it(
     folder = tmp_path / "deploy"
     (folder / "teams").mkdir(parents=True)
     (folder / "teams" / "support.json").write_bytes(DEFAULT_TEAM_FILE.read_bytes())
+    (folder / "teams" / "sales").write_bytes(DEFAULT_TEAM_FILE.read_bytes())  # a file name without .json
     path = folder / "config.toml"
     path.write_text(
-        '[teams]\nsupport = "teams/support.json"\nfactory = "tests.teams_for_tests:four_turns_team"\n'
+        '[teams]\nsupport = "teams/support.json"\nsales = "teams/sales"\n'
+        'factory = "tests.teams_for_tests:four_turns_team"\n'
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     config = load_config(cli={}, env={}, config_file=path)
     assert config.teams["factory"] == "tests.teams_for_tests:four_turns_team"  # not a path: unchanged
-    assert "support" in TeamRegistry.from_config(config.teams).names()
+    assert {"support", "sales", "factory"} <= set(TeamRegistry.from_config(config.teams).names())
     from_env = load_config(cli={}, env={"SERVICE_TEAMS": "support=teams/support.json"}, config_file=path)
     assert from_env.teams == {"support": "teams/support.json"}
 

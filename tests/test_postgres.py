@@ -7,10 +7,12 @@ and notifications, bounded by asyncio timeouts far above what they need, so a mi
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -448,3 +450,54 @@ async def test_instances_writing_at_once_never_deadlock(pg_url: str, clock: Fake
             )
         assert await a.counts() == {"queued": 0, "running": 0}
     assert await deadlocks_in(pg_url) == before
+
+
+async def blocked_on_a_lock(conn: asyncpg.Connection[Any], pid: int) -> None:
+    """Until backend ``pid`` waits for a lock (bounded: WAIT_S)."""
+    query = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+    async with asyncio.timeout(WAIT_S):
+        while not await conn.fetchval(query, pid):  # noqa: ASYNC110 (another backend's state: no event)
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("first", ["heartbeat", "set_cursor"])
+async def test_every_verb_takes_its_session_lock_first(pg_url: str, clock: FakeClock, first: str) -> None:
+    """A batch holding [heartbeat or set_cursor of s1, then append of s1] against another batch cancelling or
+    deleting s1 (session lock first, then the run's input row or the cursor rows): if the first verb locked its
+    row without the session lock, each would wait for the other (a deadlock PostgreSQL breaks after 1 s)."""
+    async with instances(pg_url, clock, n=1) as (store,):
+        await store.enqueue(OWNER, "s1", "hello", None)
+        claim = await store.claim("w", LEASE_S)
+        assert claim is not None
+        await store.set_cursor("s1", "page", 1)
+    fenced = {"session": "s1", "input": claim.input_id, "token": claim.lease_token, "run": claim.run_id}
+    calls = {
+        "heartbeat": {"op": "heartbeat", **fenced, "lease_s": LEASE_S},
+        "set_cursor": {"op": "set_cursor", "session": "s1", "client": "page", "seq": 2},
+    }
+    other = {
+        "heartbeat": {
+            "op": "cancel",
+            "session": "s1",
+            "owner": OWNER,
+            "input": claim.input_id,
+            "status": "running",
+        },
+        "set_cursor": {"op": "delete_session", "session": "s1", "owner": OWNER},
+    }
+    append = {"op": "append", **fenced, "entries": [], "asks": False, "ids": []}
+    a, b, watcher = [await asyncpg.connect(pg_url) for _ in range(3)]
+    try:
+        async with a.transaction():
+            await a.fetchval("SELECT svc_batch($1::json, 0)", json.dumps([calls[first]]))
+            second = asyncio.create_task(
+                b.fetchval("SELECT svc_batch($1::json, 0)", json.dumps([other[first]]))
+            )
+            await blocked_on_a_lock(
+                watcher, b.get_server_pid()
+            )  # on the session (or, before, the row A holds)
+            await a.fetchval("SELECT svc_batch($1::json, 0)", json.dumps([append]))
+        await asyncio.wait_for(second, WAIT_S)
+    finally:
+        for conn in (a, b, watcher):
+            await conn.close()

@@ -221,6 +221,7 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (9, "trace_context"),
         (10, "webhooks"),
         (11, "cached_plans"),
+        (12, "session_lock_first"),
     ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes

@@ -3,8 +3,9 @@ serving tasks hand them over in batches of at most ``max_batch``, and a closing 
 first. What a batch does (one SQLite transaction, one PostgreSQL statement) is the writer's own ``run``.
 
 Several tasks may serve one queue (PostgreSQL's ``pg_writers``): calls that arrive together are then shared
-among the tasks that are free, cut in ``order`` (the lock order) so that a session's calls stay in one batch,
-and the database works on the batches at once instead of one task taking everything while the others idle.
+among the tasks that are free, oldest first (so no call waits behind later ones however busy the queue is), and
+the database works on the batches at once instead of one task taking everything while the others idle. Each
+writer puts its own batch in lock order.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ class Batches(Generic[C]):
     """A plain list and an Event rather than an asyncio.Queue: the writer takes everything at once anyway, and
     this is on the path of every write."""
 
-    def __init__(self, max_batch: int, order: Callable[[C], Any] | None = None) -> None:
+    def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
-        self.order = order
         self.pending: list[C] = []
         self.closing = False
         self._wake = asyncio.Event()
@@ -79,18 +79,11 @@ class Batches(Generic[C]):
             self._servers -= 1
 
     def _take(self) -> list[C]:
-        """This task's share of the calls waiting: an equal part for every free task (in ``order``), at most
-        ``max_batch``. A lone task takes everything, as before."""
-        if self.order is not None and self._servers > 1:
-            self.pending.sort(key=self.order)  # stable: one session's calls keep their order
-        pending, free = self.pending, max(1, self._servers - self._running)
-        size = min(self.max_batch, -(-len(pending) // free))
-        if self.order is not None:  # cut between sessions, not inside one
-            while size < min(self.max_batch, len(pending)) and self.order(pending[size]) == self.order(
-                pending[size - 1]
-            ):
-                size += 1
-        batch, self.pending = pending[:size], pending[size:]
+        """This task's share of the calls waiting, oldest first: an equal part for every free task, at most
+        ``max_batch``. A lone task takes everything (up to ``max_batch``)."""
+        free = max(1, self._servers - self._running)
+        size = min(self.max_batch, -(-len(self.pending) // free))
+        batch, self.pending = self.pending[:size], self.pending[size:]
         return batch
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core.tools import FunctionTool
 
+from service.config import names_a_factory
 from service.errors import ServiceError
 from service.worker.conditions import SourceTextMentionTermination
 from service.worker.demo_model import DemoChatCompletionClient
@@ -39,7 +39,6 @@ DEFAULT_TEAM = "default"
 DEFAULT_TEAM_FILE = Path(__file__).resolve().parent.parent / "teams" / "default.json"
 MASKED_SECRET = "**********"
 DEFAULT_SYSTEM_MESSAGE = "You are the assistant of a durable chat service. Answer the user; use the calculator tool for arithmetic."
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 TeamBuilder = Callable[[], Team]
 
@@ -133,7 +132,7 @@ def _builder_from_factory(name: str, spec: str) -> TeamBuilder:
 
 def _builder(name: str, spec: str) -> TeamBuilder:
     path = Path(spec)
-    if spec.endswith(".json") or path.exists() or not _FACTORY.match(spec):
+    if path.exists() or not names_a_factory(spec):
         return _builder_from_file(name, path)
     return _builder_from_factory(name, spec)
 

@@ -75,7 +75,7 @@ class Engine:
         self._max_size = max_size
         self._pool: Any = None
         self._conns: list[Any] = [None] * max(1, writers)  # the writers' connections
-        self._batches: Batches[_Call] = Batches(MAX_BATCH, order=lock_order)
+        self._batches: Batches[_Call] = Batches(MAX_BATCH)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0  # statements the writer ran (commits, when they succeed)
         self.calls = 0
@@ -94,7 +94,10 @@ class Engine:
             timeout=CONNECT_TIMEOUT_S,
             server_settings=self.server_settings,
         )
-        self._conns = [await self._connect() for _ in self._conns]
+        for n in range(
+            len(self._conns)
+        ):  # one by one into place, so close() closes those opened if one fails
+            self._conns[n] = await self._connect()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._batches.serve(functools.partial(self._run, n)), name=f"pg-writer-{n}")
@@ -223,8 +226,9 @@ def lock_order(call: _Call) -> tuple[bool, str]:
     """The one order in which every batch takes its session locks: calls naming a session by session id, then
     the calls that name none (a claim locks the session it picks, with SKIP LOCKED, so it never waits).
 
-    Why it cannot deadlock: a batch only ever waits while taking the named sessions, in ascending order, holding
-    only smaller ones; a claim's lock is taken after those and never waited for. Two batches waiting on each
+    Why it cannot deadlock: every verb locks its session's row before any other row of that session (migration
+    0012), so a batch only ever waits while taking the named sessions, in ascending order, holding only smaller
+    ones; a claim's lock is taken after those and never waited for. Two batches waiting on each
     other would each hold a session smaller than the one it waits for, which the other holds: impossible. (With
     claims first, a claim could hold a session a later call of its batch and another batch both wanted.)"""
     return (call.session is None, call.session or "")

@@ -1,0 +1,3 @@
+-- Twin of migrations/postgres/0012_session_lock_first.sql (PostgreSQL row locks: heartbeat and set_cursor take
+-- the session lock first). SQLite has one writer holding the database's write lock for a whole batch, so there
+-- is no lock order to keep; nothing changes in this dialect's schema; the number keeps both at the same version.
