@@ -281,6 +281,35 @@ async def test_cancel_on_one_instance_stops_the_run_on_the_other(
     assert_contiguous(log)
 
 
+async def test_cancels_asked_back_to_back_on_one_instance_all_stop_their_runs_on_the_other(
+    servers: Callable[..., ServerProcess], http: aiohttp.ClientSession, pg_url: str
+) -> None:
+    """Four cancels sent at once to the instance that does not run them: each wakes the other instance (NOTIFY),
+    including those that arrive while it is still checking the first one. The heartbeat (the only other moment
+    a run looks for a cancel) is 60 s, longer than the runs' 30 s and than any wait here, so a wake-up lost
+    during a check leaves its run to complete instead."""
+    slow_beat = ("--lease-s", "120", "--heartbeat-s", "60", "--poll-interval-s", "0.2", "--grace-s", "0.5")
+    a, b = await start_both(servers, *slow_beat)
+    sessions = [f"q{n}" for n in range(4)]
+    for sid in sessions:
+        status, _ = await post_message(http, a, sid, "[[sleep:30]] never finishes", f"{sid}-m1")
+        assert status == 202
+    others = {}
+    for sid in sessions:
+        run = await first_run(http, a, sid)
+        runner = await runner_of(pg_url, run["run_id"], [a, b])
+        others[sid] = b if runner is a else a
+
+    async def cancel(sid: str) -> None:
+        async with http.post(f"{others[sid].url}/sessions/{sid}/cancel") as response:
+            assert response.status == 202
+
+    await asyncio.gather(*(cancel(sid) for sid in sessions))
+    for sid in sessions:  # bounded by WAIT_S (40 s)
+        log = await sse_until(http, others[sid], sid, lambda es: count(es, "run_cancelled") == 1)
+        assert [e["type"] for e in log if e["type"].startswith("run_")] == ["run_started", "run_cancelled"]
+
+
 # --- 4. PostgreSQL restarted while a run is in progress -------------------------------------------------------
 def _pg(action: str) -> None:
     subprocess.run(

@@ -316,21 +316,32 @@ class WorkerPool:
 
     async def _cancel_watch_loop(self) -> None:
         """A cancel asked in another process arrives as a work notification: check this process's runs then,
-        rather than only at the next heartbeat."""
-        while True:
-            await self.store.wait_for_work(self.heartbeat_s)
-            for run in [run for run, _ in self._runs.values() if not run.done and run.stop_reason is None]:
-                try:
-                    if await self.store.cancel_requested(run.claim):
-                        run.stop(StopReason.CANCEL)
-                except StoreUnavailable as exc:
-                    log.warning("%s: cancel check failed: %s", run.describe(), exc.message)
-            # Every enqueue anywhere also wakes this loop: check at most this often.
-            await asyncio.sleep(CANCEL_CHECK_MIN_S)
+        rather than only at the next heartbeat. The next wait starts (and takes its wake-up event) before this
+        check, so a cancel notified during the check or the pause after it is not missed."""
+        waiting = asyncio.ensure_future(self.store.wait_for_work(self.heartbeat_s))
+        try:
+            while True:
+                await waiting
+                waiting = asyncio.ensure_future(self.store.wait_for_work(self.heartbeat_s))
+                await asyncio.sleep(0)  # let it take its event now
+                for run in [
+                    run for run, _ in self._runs.values() if not run.done and run.stop_reason is None
+                ]:
+                    try:
+                        if await self.store.cancel_requested(run.claim):
+                            run.stop(StopReason.CANCEL)
+                    except StoreUnavailable as exc:
+                        log.warning("%s: cancel check failed: %s", run.describe(), exc.message)
+                # Every enqueue anywhere also wakes this loop: check at most this often.
+                await asyncio.sleep(CANCEL_CHECK_MIN_S)
+        finally:
+            waiting.cancel()
 
     async def _recovery_loop(self) -> None:
+        """Looks for expired leases every half lease: a dead instance's run is taken over between ``lease_s``
+        and 1.5 x ``lease_s`` after its last heartbeat (README "Deploying on PostgreSQL")."""
         while True:
-            await asyncio.sleep(self.lease_s)
+            await asyncio.sleep(self.lease_s / 2)
             try:
                 await self._recover()
             except StoreUnavailable as exc:
