@@ -83,6 +83,7 @@ class Session:
     created_at: datetime
     updated_at: datetime
     multitask_strategy: str = "enqueue"  # the session's default (README "Double-texting")
+    webhook_url: str | None = None  # the session's own (README "Webhooks"); None: the server default, if any
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +95,7 @@ class Session:
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
             "multitask_strategy": self.multitask_strategy,
+            "webhook_url": self.webhook_url,
         }
 
 

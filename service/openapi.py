@@ -85,6 +85,7 @@ SCHEMAS: dict[str, Any] = {
             "created_at",
             "updated_at",
             "multitask_strategy",
+            "webhook_url",
         ],
         "properties": {
             "session_id": ID,
@@ -95,6 +96,7 @@ SCHEMAS: dict[str, Any] = {
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
             "multitask_strategy": STRATEGY,
+            "webhook_url": {"type": "string", "nullable": True},
         },
     },
     "Entry": {

@@ -138,6 +138,17 @@ async def test_create_session_generates_ids(store: Store) -> None:
     assert a.title is None
 
 
+async def test_a_session_shows_its_own_webhook_url(store: Store) -> None:
+    hook = "https://example.com/hooks/s1"
+    created = await store.create_session(ALICE, "s1", "default", None, webhook_url=hook)
+    await store.create_session(ALICE, "s2", "default", None)
+    assert created.webhook_url == hook
+    assert await store.get_session(ALICE, "s1") == created
+    listed = {s.session_id: s.webhook_url for s in await store.list_sessions(ALICE)}
+    assert listed == {"s1": hook, "s2": None}  # s2 uses the server's default, if any
+    assert created.to_json()["webhook_url"] == hook
+
+
 async def test_create_session_conflict_whoever_owns_it(store: Store) -> None:
     await store.create_session(ALICE, "s1", "default", None)
     with pytest.raises(Conflict):

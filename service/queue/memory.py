@@ -114,6 +114,7 @@ class _Session:
             self.created_at,
             self.updated_at,
             self.multitask_strategy,
+            self.webhook_url,
         )
 
 

@@ -26,7 +26,7 @@ BATCH = "SELECT svc_batch($1::text::json, $2::float8)"  # text in: the store enc
 # The database's clock as this store sees it ($1: the test offset, 0 in production).
 DB_NOW = "SELECT now() + $1::float8 * interval '1 second'"
 
-SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at, multitask_strategy"
+SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at, multitask_strategy, webhook_url"
 ENTRY_COLS = "session_id, seq, type, source, content, run_id, client_msg_id, metadata, created_at"
 
 GET_SESSION = f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = $1 AND owner = $2"
@@ -156,6 +156,7 @@ def session_of(row: Any) -> Session:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         multitask_strategy=row["multitask_strategy"],
+        webhook_url=row["webhook_url"],
     )
 
 

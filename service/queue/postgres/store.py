@@ -179,7 +179,7 @@ class PostgresStore:
         op = {"op": "create_session", "session": sid, "owner": owner, "team": team, "title": title}
         done = await self._call({**op, "multitask_strategy": chosen.value, "webhook_url": webhook_url})
         at = q.from_us(done["at"])
-        return Session(sid, owner, team, title, SessionStatus.IDLE, 0, at, at, chosen.value)
+        return Session(sid, owner, team, title, SessionStatus.IDLE, 0, at, at, chosen.value, webhook_url)
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         rules.check_labels(session_id=session_id)

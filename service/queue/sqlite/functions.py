@@ -81,7 +81,7 @@ def create_session(
     db.execute(q.INSERT_SESSION, (sid, owner, team, title, stamp(now), stamp(now), multitask_strategy))
     if webhook_url is not None:
         db.execute(q.SET_SESSION_WEBHOOK, (webhook_url, sid))
-    return Session(sid, owner, team, title, SessionStatus.IDLE, 0, now, now, multitask_strategy)
+    return Session(sid, owner, team, title, SessionStatus.IDLE, 0, now, now, multitask_strategy, webhook_url)
 
 
 def list_sessions(db: Db, owner: str) -> list[Session]:

@@ -18,15 +18,16 @@ import orjson
 from service.models import LIFECYCLE_TYPES, Entry, Session, SessionStatus, WebhookEvent, parse_iso
 
 SESSION_COLS = "session_id, owner, team, title, status, last_seq, created_at, updated_at, multitask_strategy"
+SESSION_READ = f"{SESSION_COLS}, webhook_url"  # what a Session shows
 ENTRY_COLS = "seq, session_id, type, source, content, created_at, run_id, client_msg_id, metadata"
 
 # --- sessions -------------------------------------------------------------------------------------------------
-GET_SESSION = f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = ? AND owner = ?"
+GET_SESSION = f"SELECT {SESSION_READ} FROM sessions WHERE session_id = ? AND owner = ?"
 SESSION_EXISTS = "SELECT 1 FROM sessions WHERE session_id = ?"
 INSERT_SESSION = f"INSERT INTO sessions ({SESSION_COLS}) VALUES (?, ?, ?, ?, 'idle', 0, ?, ?, ?)"
 SET_SESSION_WEBHOOK = "UPDATE sessions SET webhook_url = ? WHERE session_id = ?"
 # Newest activity first is sorted by the caller (stable: ties stay in session_id order).
-LIST_SESSIONS = f"SELECT {SESSION_COLS} FROM sessions WHERE owner = ? ORDER BY session_id"
+LIST_SESSIONS = f"SELECT {SESSION_READ} FROM sessions WHERE owner = ? ORDER BY session_id"
 # ON DELETE CASCADE (foreign_keys=ON) removes entries, inputs and cursors in the same statement; a run of
 # this session then finds no row under its token and gets LeaseLost.
 DELETE_SESSION = "DELETE FROM sessions WHERE session_id = ? AND owner = ?"
@@ -175,7 +176,7 @@ def stamp(ts: datetime) -> str:
 
 
 def session_of(row: sqlite3.Row | tuple[Any, ...]) -> Session:
-    sid, owner, team, title, status, last_seq, created, updated, strategy = row
+    sid, owner, team, title, status, last_seq, created, updated, strategy, webhook_url = row
     return Session(
         sid,
         owner,
@@ -186,6 +187,7 @@ def session_of(row: sqlite3.Row | tuple[Any, ...]) -> Session:
         parse_iso(created),
         parse_iso(updated),
         strategy,
+        webhook_url,
     )
 
 
