@@ -74,6 +74,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
             await s.close()
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database of its own for the test (tests.pg), dropped afterwards."""
+    with pg_database() as url:
+        yield url
+
+
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database URL of each backend, for service-level tests (real clock)."""

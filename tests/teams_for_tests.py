@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 from autogen_agentchat.agents import AssistantAgent
@@ -20,7 +21,7 @@ from autogen_ext.models.openai import OpenAIChatCompletionClient
 from pydantic import BaseModel
 
 from service.worker.demo_model import DemoChatCompletionClient, latest_user_text
-from service.worker.teams import default_team
+from service.worker.teams import TeamBuilder, default_team
 
 HOLD = "[[hold]]"
 HOLD_S = 300.0
@@ -231,3 +232,18 @@ def selector_default_team() -> SelectorGroupChat:
 def fast_default_team() -> RoundRobinGroupChat:
     """The default team without its typing delay (for ``--teams name=tests.teams_for_tests:fast_default_team``)."""
     return default_team(0.0)
+
+
+# Every shape of team the service is tested with (AutoGen's group chats, nested, graph, a lone agent), by name:
+# the worker tests run each of them through the same faults and the same reuse.
+TEAM_SHAPES: dict[str, TeamBuilder] = {
+    "default": partial(default_team, 0.0),
+    "slow": slow_tool_team,
+    "turns": four_turns_team,
+    "swarm": swarm_team,
+    "round_robin_one": round_robin_one_team,
+    "selector": selector_team,
+    "nested": nested_team,
+    "graph": graph_team,
+    "single_agent": single_agent_team,
+}

@@ -114,18 +114,7 @@ async def test_work_per_turn_does_not_grow_with_the_conversation(
 
 
 # --- the kept team starts each run exactly as a fresh team would --------------------------------------------
-TEAMS: dict[str, TeamBuilder] = {
-    "default": partial(default_team, 0.0),
-    "slow": tt.slow_tool_team,
-    "turns": tt.four_turns_team,
-    "swarm": tt.swarm_team,
-    "round_robin_one": tt.round_robin_one_team,
-    "selector": tt.selector_team,
-    "nested": tt.nested_team,
-    "graph": tt.graph_team,
-    "single_agent": tt.single_agent_team,
-    "selector_default": tt.selector_default_team,
-}
+TEAMS: dict[str, TeamBuilder] = {**tt.TEAM_SHAPES, "selector_default": tt.selector_default_team}
 
 
 class World:

@@ -19,7 +19,6 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.pg import pg_database
 from tests.server import ServerProcess, start_server
 from tests.web import durable
 
@@ -34,12 +33,6 @@ Predicate = Callable[[list[Frame]], bool]
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with pg_database() as url:
-        yield url
-
-
 @pytest.fixture
 def servers(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., ServerProcess]]:
     """start(name, *args) -> a server process on the test's database; every one is killed at the end."""

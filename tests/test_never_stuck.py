@@ -65,17 +65,7 @@ SHIPPED_TEAMS = sorted(DEFAULT_TEAM_FILE.parent.glob("*.json"))
 Client = TestClient[Any, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
-TEAMS: dict[str, TeamBuilder] = {
-    "default": partial(default_team, 0.0),
-    "slow": tt.slow_tool_team,
-    "turns": tt.four_turns_team,
-    "swarm": tt.swarm_team,
-    "round_robin_one": tt.round_robin_one_team,
-    "selector": tt.selector_team,
-    "nested": tt.nested_team,
-    "graph": tt.graph_team,
-    "single_agent": tt.single_agent_team,
-}
+TEAMS: dict[str, TeamBuilder] = tt.TEAM_SHAPES
 
 
 # --- the world: a store on a fake clock, a hub, the test teams ---------------------------------------------------

@@ -35,7 +35,6 @@ import asyncpg
 import pytest
 
 from service.queue.postgres.notify import LISTEN_APPLICATION
-from tests.pg import pg_database
 from tests.server import ServerProcess, start_server
 from tests.test_multi_instance import (
     WsClient,
@@ -75,12 +74,6 @@ def skewed_env() -> dict[str, str]:
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with pg_database() as url:
-        yield url
-
-
 @pytest.fixture
 def servers(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., ServerProcess]]:
     """start(name, *args, skewed=False) -> a server on the test's database; every one is killed at the end."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -23,19 +23,13 @@ from service.queue.migrate import load_migrations
 from service.queue.postgres import PostgresStore
 from service.queue.postgres.notify import Notifier
 from tests.conftest import FakeClock
-from tests.pg import ADMIN_DSN, pg_database
+from tests.pg import ADMIN_DSN
 
 pytestmark = pytest.mark.postgres
 
 OWNER = "alice"
 LEASE_S = 60.0
 WAIT_S = 10.0  # an upper bound for a wake-up that should take milliseconds
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with pg_database() as url:
-        yield url
 
 
 @asynccontextmanager

@@ -294,8 +294,8 @@ class PostgresStore:
         return Enqueued(session_id, entry.seq, client_msg_id, False, entry, chosen)
 
     async def wait_for_work(self, timeout_s: float) -> None:
-        # The look goes through the writer, so it is ordered with every write submitted before or after it.
-        event = self.notifier.work_event()  # taken before looking: a wake-up meanwhile is not missed
+        # Taken before looking: a commit the look does not see (on another writer or instance) still wakes it.
+        event = self.notifier.work_event()
         try:
             if (await self._call({"op": "claimable"}))["claimable"]:
                 return
