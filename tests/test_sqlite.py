@@ -222,6 +222,7 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (10, "webhooks"),
         (11, "cached_plans"),
         (12, "session_lock_first"),
+        (13, "cheaper_writes"),
     ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes

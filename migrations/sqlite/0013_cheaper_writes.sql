@@ -1,0 +1,4 @@
+-- Twin of migrations/postgres/0013_cheaper_writes.sql, which drops what cost PostgreSQL CPU at every statement
+-- (CHECK constraints on status, indexes on updated_at, foreign keys replaced by a delete trigger). SQLite
+-- compiles its statements once (sqlite3's statement cache) and has one writer, so those costs do not arise
+-- here; nothing changes in this dialect's schema; the number keeps both dialects at the same version.
