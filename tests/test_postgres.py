@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from service.errors import BadRequest, IncompatibleDatabase, StoreUnavailable
-from service.models import RUN_COMPLETED, Claim, NewEntry, lifecycle
+from service.models import RUN_COMPLETED, Claim, Draft, NewEntry, lifecycle
 from service.queue.migrate import load_migrations
 from service.queue.postgres import PostgresStore
 from service.queue.postgres.notify import Notifier
@@ -495,3 +495,59 @@ async def test_every_verb_takes_its_session_lock_first(pg_url: str, clock: FakeC
     finally:
         for conn in (a, b, watcher):
             await conn.close()
+
+
+SESSION_TABLES = ("entries", "inputs", "cursors", "drafts", "state_pieces", "webhook_outbox")
+
+
+async def rows_of(url: str, session_id: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {
+            table: await conn.fetchval(f"SELECT count(*) FROM {table} WHERE session_id = $1", session_id)
+            for table in (*SESSION_TABLES, "sessions")
+        }
+    finally:
+        await conn.close()
+
+
+async def a_session_with_rows_everywhere(store: PostgresStore, session_id: str) -> Claim:
+    """A row of ``session_id`` in every table that holds a session's rows: log, inputs, a cursor, a draft,
+    state pieces and a webhook outbox row (the session has its own webhook URL). Returns its running claim."""
+    await store.create_session(OWNER, session_id, "default", None, webhook_url="http://127.0.0.1:9/hook")
+    await store.enqueue(OWNER, session_id, "first", f"{session_id}-m1")
+    claim = await store.claim("w", LEASE_S)
+    assert claim is not None and claim.session_id == session_id
+    await store.finish(claim, lifecycle(RUN_COMPLETED, "done"), {"messages": [{"n": 1}, {"n": 2}]})
+    await store.enqueue(OWNER, session_id, "second", f"{session_id}-m2")
+    claim = await store.claim("w", LEASE_S)
+    assert claim is not None
+    await store.save_draft(claim, Draft(claim.run_id, "msg-1", "assistant", "half a sen"))
+    await store.set_cursor(session_id, "client-1", 2)
+    before = await rows_of(store_url(store), session_id)
+    assert all(before[table] > 0 for table in SESSION_TABLES), before  # the test reaches every table
+    return claim
+
+
+def store_url(store: PostgresStore) -> str:
+    return store.engine.dsn
+
+
+@pytest.mark.parametrize("how", ["delete", "expire"])
+async def test_a_deleted_session_leaves_no_row_behind(pg_url: str, clock: FakeClock, how: str) -> None:
+    """A session's rows go with it (migration 0013's trigger, no foreign keys): deleted by the API or by the
+    retention sweep, nothing of it stays in any table, and another session keeps all of its rows."""
+    async with instances(pg_url, clock, n=1) as (store,):
+        running = await a_session_with_rows_everywhere(store, "doomed")
+        if how == "delete":
+            assert await store.delete_session(OWNER, "doomed")
+        else:  # the run ends (its draft with it), the session idles past the TTL, the sweep takes it
+            await store.finish(running, lifecycle(RUN_COMPLETED, "done"), None)
+            clock.advance(2 * 86400)
+        await store.create_session(OWNER, "kept", "default", None)
+        await store.enqueue(OWNER, "kept", "stays", "k1")
+        kept = await rows_of(pg_url, "kept")
+        if how == "expire":
+            assert await store.expire_sessions(86400.0, 10) == ["doomed"]
+        assert await rows_of(pg_url, "doomed") == {table: 0 for table in (*SESSION_TABLES, "sessions")}
+        assert await rows_of(pg_url, "kept") == kept

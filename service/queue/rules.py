@@ -107,7 +107,8 @@ def targets(wanted_input_seq: int | None, input_seq: int) -> bool:
 def webhook_type(entry_type: str, metadata: dict[str, object]) -> str | None:
     """The webhook event an appended entry makes (README "Webhooks"), or None: ``run_completed``,
     ``run_cancelled``, a final ``run_failed`` (``retrying`` not true) and ``awaiting_input`` (a
-    ``UserInputRequestedEvent``). The SQL dialects mirror it in the ``entries_webhook`` trigger (migration 0010)."""
+    ``UserInputRequestedEvent``). The SQL dialects mirror it in the ``entries_webhook`` trigger (migration 0010;
+    on PostgreSQL its types are ``svc_webhook_type``, migration 0013)."""
     if entry_type == USER_INPUT_REQUESTED:
         return "awaiting_input"
     if entry_type in (RUN_COMPLETED, RUN_CANCELLED):
