@@ -37,6 +37,7 @@ from autogen_core import AgentId
 
 from service.worker.logs import error_line
 from service.worker.state import NextRound, State
+from service.worker.state_saver import StateSaver
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,15 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class LiveTeam:
     """A team kept after a completed run: the team name and builder it was built from, the digest of the state it
-    saved (``state_digest``), and its fresh state (what ``prepare_state`` merges onto)."""
+    saved (``state_digest``), its fresh state (what ``prepare_state`` merges onto) and its ``StateSaver`` (the
+    dumps of its conversation, so its next save dumps only what the next run adds)."""
 
     team: Team
     team_name: str
     builder: object
     digest: bytes
     fresh: State
+    saver: StateSaver
 
     def fits(self, team_name: str, builder: object, saved: dict[str, Any] | None) -> bool:
         """Whether this team may run a claim of ``team_name`` (built by ``builder``) whose saved state is ``saved``."""
