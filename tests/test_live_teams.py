@@ -15,7 +15,6 @@ and the model reading its context (README "Benchmarks").
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import statistics
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -30,7 +29,6 @@ from autogen_core.model_context._chat_completion_context import ChatCompletionCo
 import service.queue.sqlite.functions as sqlite_functions
 import service.queue.state_pieces as state_pieces_module
 import service.text as text_module
-import service.worker.live_teams as live_teams_module
 import service.worker.state as state_module
 from service.hub import Hub
 from service.models import RUN_COMPLETED, Entry, lifecycle
@@ -112,35 +110,6 @@ def grown(per_turn: dict[int, dict[str, int]]) -> dict[str, tuple[float, float]]
     return {n: (early[n], late[n]) for n in names if late[n] > early[n] * 1.2 + 2}
 
 
-class CountingHashlib:
-    """``hashlib`` as a module sees it, counting the bytes its SHA-256 objects are given."""
-
-    def __init__(self, counted: Counted, name: str) -> None:
-        self._counted, self._name = counted, name
-
-    def sha256(self, data: Any = b"") -> Any:
-        return _CountingHash(hashlib.sha256(), self._counted, self._name, data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(hashlib, name)
-
-
-class _CountingHash:
-    def __init__(self, inner: Any, counted: Counted, name: str, data: Any = b"") -> None:
-        self._inner, self._counted, self._name = inner, counted, name
-        self.update(data)
-
-    def update(self, data: Any) -> None:
-        self._counted.add(self._name, len(memoryview(data).cast("B")))
-        self._inner.update(data)
-
-    def copy(self) -> _CountingHash:
-        return _CountingHash(self._inner.copy(), self._counted, self._name)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 class CountingLoads:
     """``orjson`` as a module sees it, counting the bytes ``loads`` parses."""
 
@@ -178,9 +147,6 @@ async def test_saving_and_claiming_the_state_do_not_grow_with_the_conversation(
 
     monkeypatch.setattr(BaseMessage, "dump", dump)
     monkeypatch.setattr(ChatCompletionContextState, "model_dump", context_dump)
-    monkeypatch.setattr(
-        live_teams_module, "hashlib", CountingHashlib(counted, "live team digest: bytes hashed")
-    )
     monkeypatch.setattr(sqlite_functions, "orjson", CountingLoads(counted, "claim: state bytes parsed"))
     per_turn = await long_session(tmp_path, counted)
     assert not grown(per_turn), f"per turn (turn ~20, turn ~200): {grown(per_turn)}"

@@ -55,7 +55,7 @@ from service.models import (
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.text import clean_json
-from service.worker.live_teams import LiveTeam, LiveTeams, release_proxies, start_next_round, state_digest
+from service.worker.live_teams import LiveTeam, LiveTeams, release_proxies, start_next_round
 from service.worker.logs import error_line, public_error_line
 from service.worker.messages import to_entry
 from service.worker.state import (
@@ -315,7 +315,7 @@ class Run:
             return None
         release_proxies(team, self._proxies)
         builder = self.deps.teams.builder(self.claim.team)
-        return LiveTeam(team, self.claim.team, builder, state_digest(state_json), self._fresh, self._saver)
+        return LiveTeam(team, self.claim.team, builder, state, self._fresh, self._saver)
 
     async def _run_team(self, team: Team) -> TaskResult:
         """Prepare the team, then run it; a team that cannot take the session's state fails for good."""

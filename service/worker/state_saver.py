@@ -131,11 +131,17 @@ class StateSaver:
 
     async def save(self) -> State:
         if self._slots is None:
-            self._slots = await _slots(self.team, ()) if _is_group_chat(self.team) else []
+            team = self.team
+            self._slots = (
+                await _slots(team, ()) if isinstance(team, BaseGroupChat) and _is_group_chat(team) else []
+            )
         slots = self._slots
-        lists = [getattr(slot.owner, slot.attr, None) for slot in slots]
-        if not all(isinstance(items, list) for items in lists):
-            return dict(await self.team.save_state())
+        lists: list[list[Any]] = []
+        for slot in slots:
+            items = getattr(slot.owner, slot.attr, None)
+            if not isinstance(items, list):
+                return dict(await self.team.save_state())
+            lists.append(items)
         dumps = [slot.dumps.of(items) for slot, items in zip(slots, lists, strict=True)]
         try:
             for slot in slots:
@@ -166,7 +172,7 @@ async def _slots(team: BaseGroupChat, prefix: tuple[str, ...]) -> list[_Slot]:
     slots: list[_Slot] = []
     names, topics = team._participant_names, team._participant_topic_types
     for name, topic in zip(names, topics, strict=True):
-        container = await runtime.try_get_underlying_agent_instance(AgentId(topic, key))
+        container: Any = await runtime.try_get_underlying_agent_instance(AgentId(topic, key))
         if type(container) is not ChatAgentContainer:
             continue
         at = (*prefix, "agent_states", name)
@@ -180,7 +186,7 @@ async def _slots(team: BaseGroupChat, prefix: tuple[str, ...]) -> list[_Slot]:
             if type(context) in CONTEXTS and type(context).save_state is ChatCompletionContext.save_state:
                 path = (*at, "agent_state", "llm_context", "messages")
                 slots.append(_Slot(context, "_messages", path, ListDumps(dump_llm_messages)))
-    manager = await runtime.try_get_underlying_agent_instance(
+    manager: Any = await runtime.try_get_underlying_agent_instance(
         AgentId(team._group_chat_manager_topic_type, key)
     )
     if type(manager) in MANAGERS:
