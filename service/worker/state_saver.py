@@ -87,7 +87,7 @@ class ListDumps:
 
     def of(self, items: list[Any]) -> list[Any]:
         """The dumps of ``items`` (a new list; its items are shared with later calls)."""
-        same = _same_prefix(self._objects, items)
+        same = same_prefix(self._objects, items)
         del self._objects[same:], self._dumps[same:]
         if same < len(items):
             tail = items[same:]
@@ -97,7 +97,7 @@ class ListDumps:
         return list(self._dumps)
 
 
-def _same_prefix(kept: list[Any], items: list[Any]) -> int:
+def same_prefix(kept: list[Any], items: list[Any]) -> int:
     """How many of ``kept`` open ``items`` (the same objects, in order)."""
     if len(kept) <= len(items) and all(map(operator.is_, kept, items)):
         return len(kept)
