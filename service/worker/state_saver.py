@@ -1,5 +1,5 @@
-"""A team's state saved with work that follows what its run added (README "Benchmarks": ``bench/long.py``, and
-"Design notes": live teams).
+"""A team's state saved with work that follows what its run added (README "Architecture": "A live team's turn
+costs what the turn adds", and "Benchmarks": ``bench/long.py``).
 
 AutoGen's ``team.save_state()`` dumps every message of the conversation, every time it is called: the manager's
 thread, each agent container's buffer and each agent's model context, each a pydantic dump of every message, and
