@@ -8,8 +8,8 @@ and serialisations in the piece diff. On main before the change (commit 0cfb3b8)
 growing with the conversation: messages validated 84 -> 804 per turn, strings repaired 2,875 -> 26,275,
 messages walked by the tool-call repair 42 -> 402, piece-diff serialisations 137 -> 1,217 (and one build per
 turn). Now: no build, no validation, 6 strings (the run's new entries), 2 messages, 15 serialisations, at both.
-What remains O(conversation) is AutoGen's own save_state, the store reading the saved state back for the claim,
-and the model reading its context (README "Benchmarks").
+The second test counts what was left growing: AutoGen's save_state (now a live team's StateSaver) and the
+claim reading the state back (README "Benchmarks").
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from typing import Any
 
 import orjson
 import pytest
-from autogen_agentchat.messages import MessageFactory
+from autogen_agentchat.messages import BaseMessage, MessageFactory
+from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
 
+import service.queue.sqlite.functions as sqlite_functions
 import service.queue.state_pieces as state_pieces_module
 import service.text as text_module
 import service.worker.state as state_module
@@ -77,16 +79,8 @@ def counting(counted: Counted, name: str, func: Callable[..., Any]) -> Callable[
     return wrapper
 
 
-async def test_work_per_turn_does_not_grow_with_the_conversation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    counted = Counted()
-    monkeypatch.setattr(text_module, "repair", counting(counted, "text repair: strings", text_module.repair))
-    tool_calls = counting(counted, "tool-call repair: messages", state_module._tool_calls)
-    monkeypatch.setattr(state_module, "_tool_calls", tool_calls)
-    create = counting(counted, "AutoGen load: messages validated", MessageFactory.create)
-    monkeypatch.setattr(MessageFactory, "create", create)
-    monkeypatch.setattr(state_pieces_module, "orjson", CountingOrjson(counted))
+async def long_session(tmp_path: Path, counted: Counted) -> dict[int, dict[str, int]]:
+    """Drive one session of the default team on SQLite to turn ``LATE.stop - 1``: ``counted``'s counts per turn."""
     build = counting(counted, "team builds", partial(default_team, 0.0))
     store = open_store(f"sqlite:///{tmp_path / 'long.db'}")
     await store.open()
@@ -105,12 +99,76 @@ async def test_work_per_turn_does_not_grow_with_the_conversation(
         await store.close()
     replies = [e.content for e in log if e.type == "TextMessage" and e.source == "assistant"]
     assert replies[-1].endswith(f"[context: {LATE.stop - 1}]")  # the whole conversation is remembered
+    return per_turn
+
+
+def grown(per_turn: dict[int, dict[str, int]]) -> dict[str, tuple[float, float]]:
+    """The counts whose mean per turn around turn 200 is clearly above the one around turn 20."""
     names = sorted({name for counts in per_turn.values() for name in counts})
     early = {n: statistics.fmean(per_turn[t].get(n, 0) for t in EARLY) for n in names}
     late = {n: statistics.fmean(per_turn[t].get(n, 0) for t in LATE) for n in names}
-    grown = {n: (early[n], late[n]) for n in names if late[n] > early[n] * 1.2 + 2}
-    assert not grown, f"per turn (turn ~20, turn ~200): {grown}"
-    assert late["piece diff: orjson.dumps calls"] > 0  # the counter does see the piece diff
+    return {n: (early[n], late[n]) for n in names if late[n] > early[n] * 1.2 + 2}
+
+
+class CountingLoads:
+    """``orjson`` as a module sees it, counting the bytes ``loads`` parses."""
+
+    def __init__(self, counted: Counted, name: str) -> None:
+        self._counted, self._name = counted, name
+
+    def loads(self, data: Any) -> Any:
+        self._counted.add(self._name, len(data))
+        return orjson.loads(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(orjson, name)
+
+
+async def test_saving_and_claiming_the_state_do_not_grow_with_the_conversation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the issue's profile found still growing with a live team: AutoGen's save_state dumping every message
+    of the conversation (the manager's thread, the user proxy's buffer, the assistant's model context), the claim
+    parsing the whole saved state back, and the live team's digest of the whole state on both sides of a turn.
+    On main before the change (commit ff15cf8) it failed: messages dumped per turn 133 at turn ~20 -> 1,213 at
+    turn ~200, state bytes the claim parsed 27,045 -> 252,738 (and the live team hashed 54,451 -> 505,842 bytes of
+    state per turn, a digest that is gone). Now 7 messages dumped and ~945 bytes parsed (the head) at both.
+    """
+    counted = Counted()
+    original_dump = BaseMessage.dump
+
+    def dump(self: BaseMessage) -> Any:
+        counted.add("AutoGen: messages dumped")
+        return original_dump(self)
+
+    original_context_dump = ChatCompletionContextState.model_dump
+
+    def context_dump(self: ChatCompletionContextState, **kwargs: Any) -> Any:
+        counted.add("AutoGen: messages dumped", len(self.messages))
+        return original_context_dump(self, **kwargs)
+
+    monkeypatch.setattr(BaseMessage, "dump", dump)
+    monkeypatch.setattr(ChatCompletionContextState, "model_dump", context_dump)
+    monkeypatch.setattr(sqlite_functions, "orjson", CountingLoads(counted, "claim: state bytes parsed"))
+    per_turn = await long_session(tmp_path, counted)
+    assert not grown(per_turn), f"per turn (turn ~20, turn ~200): {grown(per_turn)}"
+    assert per_turn[LATE.start]["AutoGen: messages dumped"] > 0  # the counters do see the work
+    assert per_turn[LATE.start]["claim: state bytes parsed"] > 0
+
+
+async def test_work_per_turn_does_not_grow_with_the_conversation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = Counted()
+    monkeypatch.setattr(text_module, "repair", counting(counted, "text repair: strings", text_module.repair))
+    tool_calls = counting(counted, "tool-call repair: messages", state_module._tool_calls)
+    monkeypatch.setattr(state_module, "_tool_calls", tool_calls)
+    create = counting(counted, "AutoGen load: messages validated", MessageFactory.create)
+    monkeypatch.setattr(MessageFactory, "create", create)
+    monkeypatch.setattr(state_pieces_module, "orjson", CountingOrjson(counted))
+    per_turn = await long_session(tmp_path, counted)
+    assert not grown(per_turn), f"per turn (turn ~20, turn ~200): {grown(per_turn)}"
+    assert per_turn[LATE.start]["piece diff: orjson.dumps calls"] > 0  # the counter does see the piece diff
 
 
 # --- the kept team starts each run exactly as a fresh team would --------------------------------------------
@@ -185,6 +243,8 @@ async def test_a_kept_team_starts_its_next_run_as_a_fresh_team_would(world: Worl
         fresh = world.teams.build(team)
         expected = prepare_state(await world.store.load_team_state("s1"), await fresh.save_state())
         assert await live.team.save_state() == expected, f"{team}: after message {n}"
+        # Its saver, which dumps only what each run added, saves what AutoGen's own save_state saves.
+        assert await live.saver.save() == await live.team.save_state(), f"{team}: after message {n}"
     assert pool.live_teams.reused == len(texts) - 1
     assert (await world.last_reply("s1")).endswith(f"[context: {len(texts)}]")
 

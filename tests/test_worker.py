@@ -382,7 +382,7 @@ async def test_graceful_stop_releases_a_running_run(world: World) -> None:
 class BrokenClaims(MemoryStore):
     """Fault injection: the database answers claims with an error the pool does not expect."""
 
-    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+    async def claim(self, worker_id: str, lease_s: float, held: Any = None) -> Claim | None:
         raise RuntimeError("disk on fire")
 
 

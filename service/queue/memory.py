@@ -53,7 +53,7 @@ from service.models import (
     utcnow,
 )
 from service.queue import rules
-from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
+from service.queue.store import DEFAULT_PAGE, Clock, CommitListener, HeldStates
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -335,7 +335,7 @@ class MemoryStore:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout_s)
 
-    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+    async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         async with self._lock:
             now = self._clock()
             item = self._find_claimable(now, take=True)

@@ -121,6 +121,11 @@ def plan_save(state: Mapping[str, Any], stored: Manifest | None) -> StateSave:
     return StateSave(text, writes, manifest, clear=stored is None)
 
 
+def manifest_of(head: dict[str, Any]) -> Manifest:
+    """The manifest of a stored head that has one."""
+    return {p: (int(v[0]), str(v[1])) for p, v in head[MANIFEST].items()}
+
+
 def assemble(
     head: Any, pieces: Mapping[str, list[Any]] | None
 ) -> tuple[dict[str, Any] | None, Manifest | None]:
@@ -131,7 +136,7 @@ def assemble(
         return None, None
     if not isinstance(head, dict) or MANIFEST not in head:
         return head, None
-    manifest: Manifest = {p: (int(v[0]), str(v[1])) for p, v in head[MANIFEST].items()}
+    manifest = manifest_of(head)
     state: dict[str, Any] = head[HEAD]
     pieces = pieces or {}
     for path, (count, _) in manifest.items():

@@ -69,6 +69,10 @@ Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
 CommitListener = Callable[[str, int], Awaitable[None]]
 
+
+# ``Store.claim``'s ``held``: the state dict the caller holds for a session (it gave it to ``finish``), or None.
+HeldStates = Callable[[str], dict[str, Any] | None]
+
 DEFAULT_PAGE = 100
 READY_PROBE_S = 1.0  # how long ping() waits for its probe write (readiness must answer fast)
 MAX_PAGE = 1000
@@ -183,14 +187,19 @@ class Store(Protocol):
         """Return when work may have become claimable (enqueue, retry, release, recovery) or after timeout_s.
         Never raises for an unreachable database: it then just waits (callers find out when they claim)."""
 
-    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+    async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         """Take the oldest claimable input (see the rules above), mark it running under a fresh lease token and
         run id, set the session ``running``. None when nothing is claimable.
 
         In the same transaction, append the run's ``run_started`` entry (``models.started``: source ``system``,
         ``input_seq`` and ``attempt`` in its metadata, ``run_id`` = the new run id) and return it as
         ``Claim.started``, with the state saved by the session's last ``finish`` as ``Claim.team_state`` (None
-        when there is none), so a run starts without further round trips. The caller publishes ``started``."""
+        when there is none), so a run starts without further round trips. The caller publishes ``started``.
+
+        ``held(session_id)``: a state dict the caller holds for the session (one it gave ``finish`` and will not
+        change). A store that knows the state it holds is exactly that one (it saved it, through this object,
+        and nothing wrote the state since) may return that very object instead of reading the state back: its
+        cost then does not grow with the conversation. Any store may ignore it."""
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         """Append entries of this run (``run_id`` = claim.run_id) atomically. A ``UserInputRequestedEvent`` sets

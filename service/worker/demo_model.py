@@ -31,6 +31,8 @@ from autogen_core.models import (
 from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel, Field
 
+from service.worker.state_saver import same_prefix
+
 MAX_SLEEP_S = 600.0
 ASK_TEXT = (
     "Before I answer, I have a question for you: what should I know? (Your next message is the answer.)"
@@ -131,6 +133,10 @@ class DemoChatCompletionClient(ChatCompletionClient, Component[DemoChatCompletio
         self._config = DemoChatCompletionClientConfig(chunk_size=chunk_size, chunk_delay_s=chunk_delay_s)
         self._usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
         self._last_usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
+        # The words of the messages of the last prompt, by message (the same objects open the next prompt): a
+        # prompt's count costs what is new in it, not the whole conversation (README "Benchmarks").
+        self._counted: list[LLMMessage] = []
+        self._word_counts: list[int] = []
 
     async def create(
         self,
@@ -166,10 +172,20 @@ class DemoChatCompletionClient(ChatCompletionClient, Component[DemoChatCompletio
                 yield chunk
         yield result
 
+    def _prompt_words(self, messages: Sequence[LLMMessage]) -> int:
+        """The words of every message of a prompt (its usage's ``prompt_tokens``)."""
+        messages = list(messages)
+        same = same_prefix(self._counted, messages)
+        del self._counted[same:], self._word_counts[same:]
+        for m in messages[same:]:
+            self._counted.append(m)
+            self._word_counts.append(_words(str(getattr(m, "content", ""))))
+        return sum(self._word_counts)
+
     def _result(self, messages: Sequence[LLMMessage], plan: Plan) -> CreateResult:
         if plan.fail:
             raise DemoModelError("the demo model failed on purpose ([[fail]] in the message)")
-        prompt = sum(_words(str(getattr(m, "content", ""))) for m in messages)
+        prompt = self._prompt_words(messages)
         completion = _words(plan.content) if isinstance(plan.content, str) else len(plan.content)
         self._last_usage = RequestUsage(prompt_tokens=prompt, completion_tokens=completion)
         self._usage = RequestUsage(

@@ -9,9 +9,12 @@ session in this process skips both. It is used only when it is exactly what the 
   saved and committed with its ``run_completed``) puts it back. A failed, cancelled, rolled-back, interrupted,
   stalled or abandoned run, a lost lease or an error while saving drops it: the next run builds afresh. So does
   a completed run whose saved text needed repair (README "Log entries"): the team still holds the broken text.
-* **Same state, same team.** It is put back with a digest of the state it saved, and used again only when the
-  claim's saved state has the same digest (nothing else wrote it meanwhile: another instance, a reset, a
-  rollback that kept an older state) and the session's team is the same configured team.
+* **Same state, same team.** It is put back with the state it saved, and used again only when the claim's saved
+  state is that state (nothing else wrote it meanwhile: another instance, a reset, a rollback that kept an older
+  state) and the session's team is the same configured team. A store that knows the state it holds is the one
+  this process saved (SQLite: the stored head is the one it wrote with that very state, see ``Store.claim``'s
+  ``held``) hands back that very object, and the check is its identity; any other claim's state is compared with
+  it in full.
 * **Same start.** Before it is put back it is brought to what a fresh team would load for the next run
   (``state.next_round``): its termination condition is reset and its manager gets the fresh counters (turn,
   round-robin position, graph progress) with its thread kept. When more than that would differ, it is not kept.
@@ -24,46 +27,42 @@ leaves it has its model clients closed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from autogen_agentchat.agents import UserProxyAgent
 from autogen_agentchat.base import Team, TerminationCondition
 from autogen_core import AgentId
 
 from service.worker.logs import error_line
 from service.worker.state import NextRound, State
+from service.worker.state_saver import StateSaver
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class LiveTeam:
-    """A team kept after a completed run: the team name and builder it was built from, the digest of the state it
-    saved (``state_digest``), and its fresh state (what ``prepare_state`` merges onto)."""
+    """A team kept after a completed run: the team name and builder it was built from, the state it saved
+    (``saved``: the very object given to ``Store.finish``, never changed), its fresh state (what ``prepare_state``
+    merges onto) and its ``StateSaver`` (the dumps of its conversation, so its next save dumps only what the next
+    run adds)."""
 
     team: Team
     team_name: str
     builder: object
-    digest: bytes
+    saved: State
     fresh: State
+    saver: StateSaver
 
     def fits(self, team_name: str, builder: object, saved: dict[str, Any] | None) -> bool:
         """Whether this team may run a claim of ``team_name`` (built by ``builder``) whose saved state is ``saved``."""
         if team_name != self.team_name or builder is not self.builder or saved is None:
             return False
-        try:
-            return state_digest(orjson.dumps(saved)) == self.digest
-        except orjson.JSONEncodeError:
-            return False
-
-
-def state_digest(state_json: bytes) -> bytes:
-    return hashlib.sha256(state_json).digest()
+        # The store handed back the state this team saved (see the module docstring), or one to compare in full.
+        return saved is self.saved or saved == self.saved
 
 
 class LiveTeams:
@@ -82,6 +81,11 @@ class LiveTeams:
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._teams
+
+    def saved_state(self, session_id: str) -> State | None:
+        """The state the session's live team saved (what ``Store.claim`` may hand back as it is: ``held``)."""
+        live = self._teams.get(session_id)
+        return None if live is None else live.saved
 
     def peek(self, session_id: str) -> LiveTeam | None:
         """The session's live team, left in the cache."""

@@ -190,14 +190,17 @@ class WorkerPool:
                 await self._wait_until(partial(self._changed_since, self._changes))
 
     # --- runs -----------------------------------------------------------------------------------------------
+    async def _claim(self) -> Claim | None:
+        # A session whose live team saved the state the store holds gets that state back as it is (no reading
+        # it back, no comparing it in full: README "Benchmarks", bench/long.py).
+        return await self.store.claim(self.worker_id, self.lease_s, held=self.live_teams.saved_state)
+
     async def _fill_slots(self) -> int:
         """Claim while slots are free; the number of runs started. The claims for all free slots go out at
         once, so the store commits them together (one after the other, each would wait for its own commit)."""
         started = 0
         while not self._stopping and (free := self.workers - self._busy()) > 0:
-            claims = await asyncio.gather(
-                *(self.store.claim(self.worker_id, self.lease_s) for _ in range(free)), return_exceptions=True
-            )
+            claims = await asyncio.gather(*(self._claim() for _ in range(free)), return_exceptions=True)
             got = [claim for claim in claims if isinstance(claim, Claim)]
             for claim in got:  # start what was claimed even if a sibling claim failed: its lease is ours
                 run = Run(claim, self._deps, self._notify)

@@ -55,7 +55,7 @@ from service.models import (
 from service.queue.retry import RetryPolicy
 from service.queue.store import Clock, Store
 from service.text import clean_json
-from service.worker.live_teams import LiveTeam, LiveTeams, release_proxies, start_next_round, state_digest
+from service.worker.live_teams import LiveTeam, LiveTeams, release_proxies, start_next_round
 from service.worker.logs import error_line, public_error_line
 from service.worker.messages import to_entry
 from service.worker.state import (
@@ -66,6 +66,7 @@ from service.worker.state import (
     remember_partial,
     resume_task,
 )
+from service.worker.state_saver import StateSaver
 from service.worker.streaming import Streamer
 from service.worker.teams import TeamRegistry
 
@@ -180,6 +181,7 @@ class Run:
         self._fresh: State | None = None
         self._start: State | None = None
         self._proxies: list[UserProxyAgent] = []
+        self._saver: StateSaver | None = None
         self._kept = False
 
     def stop(self, reason: StopReason) -> None:
@@ -278,7 +280,9 @@ class Run:
         if self.stop_reason is not None:  # cancelled at the very end (autogen#7100): honour the stop
             return await self._stopped(team)
         # Provider text may hold halves of UTF-16 pairs: repaired (and then the team is not kept: it still holds them).
-        state, state_json = clean_json(dict(await team.save_state()))
+        # The saver is the live team's (its dumps of the conversation kept from its last save) or a new one.
+        self._saver = self._live.saver if self._live is not None else StateSaver(team)
+        state, state_json = clean_json(await self._saver.save())
         reason = result.stop_reason or "finished"
         entry = lifecycle(RUN_COMPLETED, f"Run completed: {reason}", stop_reason=reason, **self._details())
         keep = await self._to_keep(team, state, state_json)
@@ -298,6 +302,8 @@ class Run:
         (``state.next_round``); None when it is not to be kept (then it is used for nothing more)."""
         if self.deps.live_teams.size == 0 or state_json is None or self._fresh is None or self._start is None:
             return None
+        if self._saver is None:
+            return None
         round_ = next_round(state, self._fresh, self._start)
         if round_ is None:
             return None
@@ -309,7 +315,7 @@ class Run:
             return None
         release_proxies(team, self._proxies)
         builder = self.deps.teams.builder(self.claim.team)
-        return LiveTeam(team, self.claim.team, builder, state_digest(state_json), self._fresh)
+        return LiveTeam(team, self.claim.team, builder, state, self._fresh, self._saver)
 
     async def _run_team(self, team: Team) -> TaskResult:
         """Prepare the team, then run it; a team that cannot take the session's state fails for good."""

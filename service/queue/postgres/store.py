@@ -61,7 +61,7 @@ from service.queue.postgres.notify import Notifier
 from service.queue.postgres.outbox import Outbox
 from service.queue.postgres.schema import applied_versions, migrate
 from service.queue.state_pieces import assemble
-from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener
+from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener, HeldStates
 
 _CANCEL_TRIES = 5
 Doorbell = tuple[str, str, int]  # (channel, session_id, last_seq)
@@ -304,7 +304,7 @@ class PostgresStore:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
 
-    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+    async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         run_id, token = new_run_id(), new_lease_token()
         op = {"op": "claim", "worker": worker_id, "lease_s": lease_s, "token": token, "run": run_id}
         got = await self._call(op)

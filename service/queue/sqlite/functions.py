@@ -16,9 +16,10 @@ transaction of their entry.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -54,7 +55,7 @@ from service.models import (
 from service.queue import rules
 from service.queue.sqlite import statements as q
 from service.queue.sqlite.statements import stamp
-from service.queue.state_pieces import MANIFEST, Manifest, StateSave, assemble, plan_save
+from service.queue.state_pieces import MANIFEST, Manifest, StateSave, assemble, manifest_of, plan_save
 
 Db = sqlite3.Cursor
 
@@ -204,14 +205,33 @@ def set_cursor(db: Db, session_id: str, client_id: str, seq: int) -> int:
     return stored
 
 
-def load_team_state(db: Db, session_id: str) -> tuple[dict[str, Any] | None, Manifest | None]:
-    """The saved state reassembled from its head and pieces, and the manifest of what is stored."""
+@dataclass(frozen=True, slots=True)
+class KnownState:
+    """A state the claimer holds (``Store.claim``'s ``held``) and the digest of the head this process wrote with
+    it: when the stored head is still that one, the stored state is that state, and it is not read back."""
+
+    head_digest: bytes
+    state: dict[str, Any]
+
+
+def head_digest(head: str | bytes) -> bytes:
+    return hashlib.sha256(head.encode() if isinstance(head, str) else head).digest()
+
+
+def load_team_state(
+    db: Db, session_id: str, known: KnownState | None = None
+) -> tuple[dict[str, Any] | None, Manifest | None]:
+    """The saved state reassembled from its head and pieces, and the manifest of what is stored; ``known``'s state
+    itself when the stored head is the one written with it (the head holds every list's count and digest, and
+    a save writes the head and its pieces in one transaction)."""
     row = db.execute(q.LOAD_STATE, (session_id,)).fetchone()
     if row is None:
         return None, None
     head = orjson.loads(row[0])
     if not isinstance(head, dict) or MANIFEST not in head:
         return head, None  # saved whole, before migration 0006
+    if known is not None and head_digest(row[0]) == known.head_digest:
+        return known.state, manifest_of(head)
     bodies: dict[str, list[str]] = {}
     for path, body in db.execute(q.LOAD_PIECES, (session_id,)):
         bodies.setdefault(path, []).append(body)
@@ -282,7 +302,13 @@ def claimable(db: Db, now: datetime) -> bool:
     return db.execute(q.CLAIMABLE, {"now": now.timestamp()}).fetchone() is not None
 
 
-def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None:
+def claim(
+    db: Db,
+    now: datetime,
+    worker_id: str,
+    lease_s: float,
+    known: Callable[[str], KnownState | None] | None = None,
+) -> Claim | None:
     row = db.execute(q.CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:
         return None
@@ -293,7 +319,7 @@ def claim(db: Db, now: datetime, worker_id: str, lease_s: float) -> Claim | None
     (entry,) = append_entries(
         db, now, session_id, [started(input_seq, attempt)], run_id, last=last, status=SessionStatus.RUNNING
     )
-    state, manifest = load_team_state(db, session_id)
+    state, manifest = load_team_state(db, session_id, None if known is None else known(session_id))
     return Claim(
         input_id, session_id, owner, team, input_seq, content, attempt, run_id, token, worker_id,
         started=entry, team_state=state, state_manifest=manifest, failures=failures,
@@ -365,11 +391,14 @@ def _rollback_waits(db: Db, session_id: str, input_id: int) -> bool:
     return db.execute(q.ROLLBACK_REQUESTED, (session_id, input_id)).fetchone() is not None
 
 
-def finish(db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+def finish(
+    db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None
+) -> tuple[Entry, str | None]:
+    """The run's terminal entry, and the state head written (None: the state was left as it was)."""
     if db.execute(q.DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
     save = None if team_state is None else plan_save(team_state, claim.state_manifest)
-    return end(db, now, claim.session_id, entry, claim.run_id, save)
+    return end(db, now, claim.session_id, entry, claim.run_id, save), None if save is None else save.head
 
 
 def end(

@@ -40,9 +40,12 @@ from service.queue.sqlite.schema import (
     migrations_pending,
     probe_write_in_transaction,
 )
-from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
+from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener, HeldStates
 
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
+
+# Sessions whose last written state head a store remembers (for ``claim``'s ``held``).
+WRITTEN_HEADS = 4096
 
 
 class SqliteStore:
@@ -74,6 +77,9 @@ class SqliteStore:
         self.max_interruptions = max_interruptions
         self.wal_limit_bytes = wal_limit_bytes
         self.webhook_url = webhook_url  # the server default (README "Webhooks"), kept in webhook_default
+        # Per session, the digest of the state head this store last committed and the id of the state dict it
+        # came from (``_remember_written``), read by the writer thread during claims (one dict get each).
+        self._written: dict[str, tuple[bytes, int]] = {}
         self.engine = Engine(
             path, synchronous=self.synchronous, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s
         )
@@ -238,9 +244,18 @@ class SqliteStore:
         self._work.set()
         self._work = asyncio.Event()
 
-    async def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+    async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         now = self.clock()
-        return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s))
+
+        def known(session_id: str) -> fn.KnownState | None:
+            # The caller's state for the session, when it is the very object this store last saved for it.
+            state = None if held is None else held(session_id)
+            written = self._written.get(session_id)
+            if state is None or written is None or written[1] != id(state):
+                return None
+            return fn.KnownState(written[0], state)
+
+        return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s, known))
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         now = self.clock()
@@ -269,9 +284,20 @@ class SqliteStore:
 
     async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
         now = self.clock()
-        done = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state))
+        done, head = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state))
+        if head is not None and team_state is not None:  # committed: the head written with that very state
+            self._remember_written(claim.session_id, head, team_state)
         self._wake()  # the session's next input (if any) just became claimable
         return done
+
+    def _remember_written(self, session_id: str, head: str, state: dict[str, Any]) -> None:
+        """What ``claim``'s ``held`` is checked against: the head (its digest) this store last committed for the
+        session, and which state object it came from (its ``id``: the caller holds that object, so the id is
+        its own while it is held). Bounded: the oldest are forgotten (their next claim reads the state back)."""
+        self._written.pop(session_id, None)
+        self._written[session_id] = (fn.head_digest(head), id(state))
+        while len(self._written) > WRITTEN_HEADS:
+            self._written.pop(next(iter(self._written)))
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()
