@@ -26,6 +26,7 @@ import pytest
 from autogen_agentchat.messages import BaseMessage, MessageFactory
 from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
 
+import service.queue.postgres.store as postgres_store
 import service.queue.sqlite.functions as sqlite_functions
 import service.queue.state_pieces as state_pieces_module
 import service.text as text_module
@@ -79,10 +80,11 @@ def counting(counted: Counted, name: str, func: Callable[..., Any]) -> Callable[
     return wrapper
 
 
-async def long_session(tmp_path: Path, counted: Counted) -> dict[int, dict[str, int]]:
-    """Drive one session of the default team on SQLite to turn ``LATE.stop - 1``: ``counted``'s counts per turn."""
+async def long_session(tmp_path: Path, counted: Counted, url: str | None = None) -> dict[int, dict[str, int]]:
+    """Drive one session of the default team (on SQLite unless ``url``) to turn ``LATE.stop - 1``: ``counted``'s
+    counts per turn."""
     build = counting(counted, "team builds", partial(default_team, 0.0))
-    store = open_store(f"sqlite:///{tmp_path / 'long.db'}")
+    store = open_store(url or f"sqlite:///{tmp_path / 'long.db'}")
     await store.open()
     per_turn: dict[int, dict[str, int]] = {}
     try:
@@ -110,29 +112,26 @@ def grown(per_turn: dict[int, dict[str, int]]) -> dict[str, tuple[float, float]]
     return {n: (early[n], late[n]) for n in names if late[n] > early[n] * 1.2 + 2}
 
 
-class CountingLoads:
-    """``orjson`` as a module sees it, counting the bytes ``loads`` parses."""
+def counting_assemble(counted: Counted) -> Callable[..., Any]:
+    """``state_pieces.assemble`` as a store calls it, counting the state items it reads back (the pieces)."""
 
-    def __init__(self, counted: Counted, name: str) -> None:
-        self._counted, self._name = counted, name
+    def wrapper(head: Any, pieces: Any) -> Any:
+        counted.add("claim: state items read back", sum(len(items) for items in (pieces or {}).values()))
+        return state_pieces_module.assemble(head, pieces)
 
-    def loads(self, data: Any) -> Any:
-        self._counted.add(self._name, len(data))
-        return orjson.loads(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(orjson, name)
+    return wrapper
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_saving_and_claiming_the_state_do_not_grow_with_the_conversation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """What the issue's profile found still growing with a live team: AutoGen's save_state dumping every message
-    of the conversation (the manager's thread, the user proxy's buffer, the assistant's model context), the claim
-    parsing the whole saved state back, and the live team's digest of the whole state on both sides of a turn.
-    On main before the change (commit ff15cf8) it failed: messages dumped per turn 133 at turn ~20 -> 1,213 at
-    turn ~200, state bytes the claim parsed 27,045 -> 252,738 (and the live team hashed 54,451 -> 505,842 bytes of
-    state per turn, a digest that is gone). Now 7 messages dumped and ~945 bytes parsed (the head) at both.
+    of the conversation (the manager's thread, the user proxy's buffer, the assistant's model context) and the
+    claim reading the whole saved state back. On main before the change (commit ff15cf8) it failed on SQLite:
+    messages dumped per turn 133 at turn ~20 -> 1,213 at turn ~200, state bytes the claim parsed 27,045 ->
+    252,738; on PostgreSQL, before migration 0014, the items read back grew with every turn. Now 7 messages
+    dumped and no item read back at both (the claim hands back the state the live team holds).
     """
     counted = Counted()
     original_dump = BaseMessage.dump
@@ -149,11 +148,23 @@ async def test_saving_and_claiming_the_state_do_not_grow_with_the_conversation(
 
     monkeypatch.setattr(BaseMessage, "dump", dump)
     monkeypatch.setattr(ChatCompletionContextState, "model_dump", context_dump)
-    monkeypatch.setattr(sqlite_functions, "orjson", CountingLoads(counted, "claim: state bytes parsed"))
-    per_turn = await long_session(tmp_path, counted)
-    assert not grown(per_turn), f"per turn (turn ~20, turn ~200): {grown(per_turn)}"
-    assert per_turn[LATE.start]["AutoGen: messages dumped"] > 0  # the counters do see the work
-    assert per_turn[LATE.start]["claim: state bytes parsed"] > 0
+    monkeypatch.setattr(sqlite_functions, "assemble", counting_assemble(counted))
+    monkeypatch.setattr(postgres_store, "assemble", counting_assemble(counted))
+    with backend_url(backend, tmp_path) as url:
+        per_turn = await long_session(tmp_path, counted, url)
+        assert not grown(per_turn), f"per turn (turn ~20, turn ~200): {grown(per_turn)}"
+        assert per_turn[LATE.start]["AutoGen: messages dumped"] > 0  # the counter does see the work
+        # The counter sees a claim that holds nothing: it reads every item of the conversation back.
+        store = open_store(url)
+        await store.open()
+        try:
+            await store.enqueue(OWNER, "long", "one more", None)
+            before = counted.counts.get("claim: state items read back", 0)
+            claim = await store.claim("w", 60.0)
+            assert claim is not None and claim.team_state is not None
+            assert counted.counts["claim: state items read back"] - before > LATE.stop
+        finally:
+            await store.close()
 
 
 async def test_work_per_turn_does_not_grow_with_the_conversation(

@@ -223,6 +223,7 @@ async def test_migrations_apply_once(db_path: str) -> None:
         (11, "cached_plans"),
         (12, "session_lock_first"),
         (13, "cheaper_writes"),
+        (14, "claim_held_state"),
     ]
     store = SqliteStore(db_path)
     await store.open()  # second open: nothing to apply, nothing changes

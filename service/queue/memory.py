@@ -53,7 +53,8 @@ from service.models import (
     utcnow,
 )
 from service.queue import rules
-from service.queue.store import DEFAULT_PAGE, Clock, CommitListener, HeldStates
+from service.queue.state_pieces import HeldStates
+from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
 
 QUEUED = "queued"
 RUNNING = "running"

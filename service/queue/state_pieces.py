@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 
@@ -149,3 +149,52 @@ def assemble(
             raise ValueError(f"team state: {count} pieces expected at {path}, {len(items)} stored")
         node[keys[-1]] = list(items[:count])
     return state, manifest
+
+
+# ``Store.claim``'s ``held``: per session, the state dict the caller holds for it (one it gave ``finish``).
+HeldStates: TypeAlias = Mapping[str, dict[str, Any]]
+WRITTEN_HEADS = 4096  # sessions whose last written head a store remembers
+
+
+def head_digest(head: str | bytes) -> str:
+    """SHA-256 (hex) of a head's JSON text, as written (PostgreSQL computes the same of its stored text)."""
+    return hashlib.sha256(head.encode() if isinstance(head, str) else head).hexdigest()
+
+
+class WrittenHeads:
+    """What ``Store.claim``'s ``held`` is checked against (README "Team state"): per session, the digest of the
+    state head this store last committed and the ``id`` of the state dict it was made from.
+
+    When the head stored now has that digest, the stored state is that dict's content (the head holds every
+    list's count and digest, and a save writes the head and its pieces in one transaction), so a claim may hand
+    back the caller's dict instead of reading the pieces back. The id is the dict's own while the caller holds
+    it, and the caller only holds a dict it gave ``finish`` (which remembers it here, replacing what was
+    remembered for the session). Bounded: the oldest are forgotten (their next claim reads the state back)."""
+
+    def __init__(self, limit: int = WRITTEN_HEADS) -> None:
+        self._limit = limit
+        self._written: dict[str, tuple[str, int]] = {}
+
+    def remember(self, session_id: str, head: str, state: dict[str, Any]) -> None:
+        """After the commit of a save of ``state`` whose head text was ``head``."""
+        self._written.pop(session_id, None)
+        self._written[session_id] = (head_digest(head), id(state))
+        while len(self._written) > self._limit:
+            self._written.pop(next(iter(self._written)))
+
+    def known(self, session_id: str, held: HeldStates | None) -> tuple[str, dict[str, Any]] | None:
+        """(head digest, the caller's dict) when the caller holds the very dict last saved for the session."""
+        state = None if held is None else held.get(session_id)
+        written = self._written.get(session_id)
+        if state is None or written is None or written[1] != id(state):
+            return None
+        return written[0], state
+
+    def all_known(self, held: HeldStates | None) -> dict[str, tuple[str, dict[str, Any]]]:
+        """``known`` of every session in ``held`` for which it is not None."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        for session_id in held or ():
+            known = self.known(session_id, held)
+            if known is not None:
+                out[session_id] = known
+        return out

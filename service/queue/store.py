@@ -64,14 +64,11 @@ from service.models import (
     Session,
     WebhookEvent,
 )
+from service.queue.state_pieces import HeldStates
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
 CommitListener = Callable[[str, int], Awaitable[None]]
-
-
-# ``Store.claim``'s ``held``: the state dict the caller holds for a session (it gave it to ``finish``), or None.
-HeldStates = Callable[[str], dict[str, Any] | None]
 
 DEFAULT_PAGE = 100
 READY_PROBE_S = 1.0  # how long ping() waits for its probe write (readiness must answer fast)
@@ -196,10 +193,11 @@ class Store(Protocol):
         ``Claim.started``, with the state saved by the session's last ``finish`` as ``Claim.team_state`` (None
         when there is none), so a run starts without further round trips. The caller publishes ``started``.
 
-        ``held(session_id)``: a state dict the caller holds for the session (one it gave ``finish`` and will not
-        change). A store that knows the state it holds is exactly that one (it saved it, through this object,
-        and nothing wrote the state since) may return that very object instead of reading the state back: its
-        cost then does not grow with the conversation. Any store may ignore it."""
+        ``held``: per session id, a state dict the caller holds for it (one it gave ``finish`` and will not
+        change). A SQL store that knows the stored state is exactly that one (it saved it through this very
+        object and the stored head is still the one it wrote: ``state_pieces.WrittenHeads``) returns that object
+        instead of reading the state back, so the claim's cost does not grow with the conversation; memory://
+        ignores it (it copies the state)."""
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         """Append entries of this run (``run_id`` = claim.run_id) atomically. A ``UserInputRequestedEvent`` sets

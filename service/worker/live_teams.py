@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,22 @@ class LiveTeam:
         return saved is self.saved or saved == self.saved
 
 
+class _SavedStates(Mapping[str, State]):
+    """The ``saved`` state of each live team, by session id."""
+
+    def __init__(self, teams: Mapping[str, LiveTeam]) -> None:
+        self._teams = teams
+
+    def __getitem__(self, session_id: str) -> State:
+        return self._teams[session_id].saved
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._teams)
+
+    def __len__(self) -> int:
+        return len(self._teams)
+
+
 class LiveTeams:
     """At most ``size`` live teams by session id, least recently used first out (``size`` 0: none kept)."""
 
@@ -82,10 +99,10 @@ class LiveTeams:
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._teams
 
-    def saved_state(self, session_id: str) -> State | None:
-        """The state the session's live team saved (what ``Store.claim`` may hand back as it is: ``held``)."""
-        live = self._teams.get(session_id)
-        return None if live is None else live.saved
+    @property
+    def saved_states(self) -> Mapping[str, State]:
+        """Per session, the state its live team saved: ``Store.claim``'s ``held`` (a live view, not a copy)."""
+        return _SavedStates(self._teams)
 
     def peek(self, session_id: str) -> LiveTeam | None:
         """The session's live team, left in the cache."""

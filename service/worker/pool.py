@@ -193,7 +193,7 @@ class WorkerPool:
     async def _claim(self) -> Claim | None:
         # A session whose live team saved the state the store holds gets that state back as it is (no reading
         # it back, no comparing it in full: README "Benchmarks", bench/long.py).
-        return await self.store.claim(self.worker_id, self.lease_s, held=self.live_teams.saved_state)
+        return await self.store.claim(self.worker_id, self.lease_s, held=self.live_teams.saved_states)
 
     async def _fill_slots(self) -> int:
         """Claim while slots are free; the number of runs started. The claims for all free slots go out at

@@ -60,8 +60,8 @@ from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, tran
 from service.queue.postgres.notify import Notifier
 from service.queue.postgres.outbox import Outbox
 from service.queue.postgres.schema import applied_versions, migrate
-from service.queue.state_pieces import assemble
-from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener, HeldStates
+from service.queue.state_pieces import HeldStates, Manifest, WrittenHeads, assemble, manifest_of
+from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener
 
 _CANCEL_TRIES = 5
 Doorbell = tuple[str, str, int]  # (channel, session_id, last_seq)
@@ -102,6 +102,7 @@ class PostgresStore:
         self.instance_id = uuid.uuid4().hex[:12]
         self.notifier = Notifier(dsn, self.instance_id, offset, self._recent_sessions)
         self._outbox = Outbox(self.engine.notify, self.instance_id)
+        self._written = WrittenHeads()  # what claim's ``held`` is checked against
 
     @property
     def commits(self) -> int:
@@ -306,14 +307,30 @@ class PostgresStore:
 
     async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         run_id, token = new_run_id(), new_lease_token()
-        op = {"op": "claim", "worker": worker_id, "lease_s": lease_s, "token": token, "run": run_id}
+        op: dict[str, Any] = {
+            "op": "claim",
+            "worker": worker_id,
+            "lease_s": lease_s,
+            "token": token,
+            "run": run_id,
+        }
+        # The states the caller holds that are the ones this store last saved: svc_claim leaves the pieces out
+        # when the session it claims still has that head (migration 0014), and the claim hands the dict back.
+        known = self._written.all_known(held)
+        if known:
+            op["held"] = {session_id: digest for session_id, (digest, _) in known.items()}
         got = await self._call(op)
         if got is None:
             return None
         sid, input_seq, attempt = got["session"], got["input_seq"], got["attempt"]
         [entry] = q.appended(sid, [started(input_seq, attempt)], got["seq"], q.from_us(got["at"]), run_id)
         self._ring([(q.LOG_CHANNEL, sid, entry.seq)])
-        state, manifest = assemble(got["state"], got.get("pieces"))
+        state: dict[str, Any] | None
+        manifest: Manifest | None
+        if got.get("held"):
+            state, manifest = known[sid][1], manifest_of(got["state"])
+        else:
+            state, manifest = assemble(got["state"], got.get("pieces"))
         return Claim(
             got["input"], sid, got["owner"], got["team"], input_seq, got["content"], attempt, run_id, token,
             worker_id, started=entry, team_state=state, state_manifest=manifest, failures=got["failures"],
@@ -395,6 +412,8 @@ class PostgresStore:
             args["clear"] = save.clear
             args["pieces"] = [{"path": w.path, "keep": w.keep, "items": w.items_json()} for w in save.writes]
         done = await self._call(self._fenced(claim, "finish", **args))
+        if team_state is not None:  # committed: the head written with that very state
+            self._written.remember(claim.session_id, args["state"], team_state)
         return self._ended(claim.session_id, entry, claim.run_id, done)
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:

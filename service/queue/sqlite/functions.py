@@ -16,10 +16,9 @@ transaction of their entry.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -55,9 +54,18 @@ from service.models import (
 from service.queue import rules
 from service.queue.sqlite import statements as q
 from service.queue.sqlite.statements import stamp
-from service.queue.state_pieces import MANIFEST, Manifest, StateSave, assemble, manifest_of, plan_save
+from service.queue.state_pieces import (
+    MANIFEST,
+    Manifest,
+    StateSave,
+    assemble,
+    head_digest,
+    manifest_of,
+    plan_save,
+)
 
 Db = sqlite3.Cursor
+Known = tuple[str, dict[str, Any]] | None  # (head digest, the state the claimer holds): WrittenHeads.known
 
 
 # --- sessions -------------------------------------------------------------------------------------------------
@@ -205,33 +213,19 @@ def set_cursor(db: Db, session_id: str, client_id: str, seq: int) -> int:
     return stored
 
 
-@dataclass(frozen=True, slots=True)
-class KnownState:
-    """A state the claimer holds (``Store.claim``'s ``held``) and the digest of the head this process wrote with
-    it: when the stored head is still that one, the stored state is that state, and it is not read back."""
-
-    head_digest: bytes
-    state: dict[str, Any]
-
-
-def head_digest(head: str | bytes) -> bytes:
-    return hashlib.sha256(head.encode() if isinstance(head, str) else head).digest()
-
-
 def load_team_state(
-    db: Db, session_id: str, known: KnownState | None = None
+    db: Db, session_id: str, known: Known = None
 ) -> tuple[dict[str, Any] | None, Manifest | None]:
     """The saved state reassembled from its head and pieces, and the manifest of what is stored; ``known``'s state
-    itself when the stored head is the one written with it (the head holds every list's count and digest, and
-    a save writes the head and its pieces in one transaction)."""
+    itself when the stored head has ``known``'s digest (``state_pieces.WrittenHeads``)."""
     row = db.execute(q.LOAD_STATE, (session_id,)).fetchone()
     if row is None:
         return None, None
     head = orjson.loads(row[0])
     if not isinstance(head, dict) or MANIFEST not in head:
         return head, None  # saved whole, before migration 0006
-    if known is not None and head_digest(row[0]) == known.head_digest:
-        return known.state, manifest_of(head)
+    if known is not None and head_digest(row[0]) == known[0]:
+        return known[1], manifest_of(head)
     bodies: dict[str, list[str]] = {}
     for path, body in db.execute(q.LOAD_PIECES, (session_id,)):
         bodies.setdefault(path, []).append(body)
@@ -307,7 +301,7 @@ def claim(
     now: datetime,
     worker_id: str,
     lease_s: float,
-    known: Callable[[str], KnownState | None] | None = None,
+    known: Callable[[str], Known] | None = None,
 ) -> Claim | None:
     row = db.execute(q.CLAIMABLE, {"now": now.timestamp()}).fetchone()
     if row is None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, ClassVar
 
 from service.errors import StoreUnavailable
@@ -40,12 +41,10 @@ from service.queue.sqlite.schema import (
     migrations_pending,
     probe_write_in_transaction,
 )
-from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener, HeldStates
+from service.queue.state_pieces import HeldStates, WrittenHeads
+from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
 
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
-
-# Sessions whose last written state head a store remembers (for ``claim``'s ``held``).
-WRITTEN_HEADS = 4096
 
 
 class SqliteStore:
@@ -77,9 +76,8 @@ class SqliteStore:
         self.max_interruptions = max_interruptions
         self.wal_limit_bytes = wal_limit_bytes
         self.webhook_url = webhook_url  # the server default (README "Webhooks"), kept in webhook_default
-        # Per session, the digest of the state head this store last committed and the id of the state dict it
-        # came from (``_remember_written``), read by the writer thread during claims (one dict get each).
-        self._written: dict[str, tuple[bytes, int]] = {}
+        # What ``claim``'s ``held`` is checked against, read by the writer thread during claims (a dict get each).
+        self._written = WrittenHeads()
         self.engine = Engine(
             path, synchronous=self.synchronous, wal_limit_bytes=wal_limit_bytes, wal_check_s=wal_check_s
         )
@@ -246,15 +244,7 @@ class SqliteStore:
 
     async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         now = self.clock()
-
-        def known(session_id: str) -> fn.KnownState | None:
-            # The caller's state for the session, when it is the very object this store last saved for it.
-            state = None if held is None else held(session_id)
-            written = self._written.get(session_id)
-            if state is None or written is None or written[1] != id(state):
-                return None
-            return fn.KnownState(written[0], state)
-
+        known = partial(self._written.known, held=held)
         return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s, known))
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
@@ -286,18 +276,9 @@ class SqliteStore:
         now = self.clock()
         done, head = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state))
         if head is not None and team_state is not None:  # committed: the head written with that very state
-            self._remember_written(claim.session_id, head, team_state)
+            self._written.remember(claim.session_id, head, team_state)
         self._wake()  # the session's next input (if any) just became claimable
         return done
-
-    def _remember_written(self, session_id: str, head: str, state: dict[str, Any]) -> None:
-        """What ``claim``'s ``held`` is checked against: the head (its digest) this store last committed for the
-        session, and which state object it came from (its ``id``: the caller holds that object, so the id is
-        its own while it is held). Bounded: the oldest are forgotten (their next claim reads the state back)."""
-        self._written.pop(session_id, None)
-        self._written[session_id] = (fn.head_digest(head), id(state))
-        while len(self._written) > WRITTEN_HEADS:
-            self._written.pop(next(iter(self._written)))
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         now = self.clock()

@@ -1,0 +1,4 @@
+-- Twin of migrations/postgres/0014_claim_held_state.sql (svc_claim leaves the pieces out when the claimer holds
+-- the state of the stored head). SQLite's claim is Python (service/queue/sqlite/functions.py ``claim``), which
+-- does the same with ``state_pieces.WrittenHeads``; nothing changes in this dialect's schema; the number keeps
+-- both dialects at the same version.
