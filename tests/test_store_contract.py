@@ -6,6 +6,7 @@ Time only moves through FakeClock; every assertion is about what the store retur
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1332,6 +1333,54 @@ async def test_team_state_grows_by_appending_over_many_runs(store: Store) -> Non
     assert await store.load_team_state("s1") == state
     assert await store.delete_session(ALICE, "s1")
     assert await store.load_team_state("s1") is None
+
+
+async def test_a_claim_hands_back_the_held_state_only_while_it_is_the_stored_one(
+    store: Store, request: pytest.FixtureRequest, clock: FakeClock
+) -> None:
+    """``claim``'s ``held`` (README "Team state"): a SQL store returns the caller's very dict when it last saved
+    that dict for the session and nothing wrote the state since; memory:// copies. Whatever the store, the claim's
+    state is the stored one: after a reset, another process's save, or for a dict it never saved, it is read."""
+    sql = store.dialect != "memory"
+    await store.enqueue(ALICE, "s1", "one", None)
+    claim = await claim_one(store)
+    saved = _agent_state([{"source": "user", "content": "one"}], [{"content": "one"}])
+    await store.finish(claim, completed(), saved)
+
+    await store.enqueue(ALICE, "s1", "two", None)
+    claim = await store.claim("w1", LEASE_S, held={"s1": saved})
+    assert claim is not None and claim.team_state == saved
+    assert (claim.team_state is saved) == sql
+    # An equal dict it did not save is never taken for the stored state: read back, equal, not that object.
+    later = _agent_state([{"source": "user", "content": "two"}], [{"content": "two"}])
+    await store.finish(claim, completed(), later)
+    await store.enqueue(ALICE, "s1", "three", None)
+    lookalike = copy.deepcopy(later)
+    claim = await store.claim("w1", LEASE_S, held={"s1": lookalike})
+    assert claim is not None and claim.team_state == later and claim.team_state is not lookalike
+    # A reset wrote the state since: the held dict is not handed back.
+    await store.finish(claim, completed(), later)
+    assert await store.reset_team_state(ALICE, "s1") is not None
+    await store.enqueue(ALICE, "s1", "four", None)
+    claim = await store.claim("w1", LEASE_S, held={"s1": later})
+    assert claim is not None and claim.team_state is None
+    await store.finish(claim, completed(), later)
+    if not sql:
+        return  # memory:// has no other process
+    # Another process saved a different state for the session since: the claim brings what it saved.
+    other = open_store(request.node.stash[STORE_URL], clock=clock, db_clock_offset=clock.db_offset)
+    await other.open()
+    try:
+        await other.enqueue(ALICE, "s1", "five", None)
+        claim = await claim_one(other)
+        assert claim.team_state == later
+        elsewhere = _agent_state([{"source": "user", "content": "five"}], [])
+        await other.finish(claim, completed(), elsewhere)
+    finally:
+        await other.close()
+    await store.enqueue(ALICE, "s1", "six", None)
+    claim = await store.claim("w1", LEASE_S, held={"s1": later})
+    assert claim is not None and claim.team_state == elsewhere
 
 
 # --- webhook outbox (README "Webhooks") -----------------------------------------------------------
