@@ -1335,6 +1335,12 @@ async def test_team_state_grows_by_appending_over_many_runs(store: Store) -> Non
     assert await store.load_team_state("s1") is None
 
 
+async def claim_held(store: Store, held: dict[str, dict[str, Any]]) -> Claim:
+    claim = await store.claim("w1", LEASE_S, held=held)
+    assert claim is not None
+    return claim
+
+
 async def test_a_claim_hands_back_the_held_state_only_while_it_is_the_stored_one(
     store: Store, request: pytest.FixtureRequest, clock: FakeClock
 ) -> None:
@@ -1348,22 +1354,22 @@ async def test_a_claim_hands_back_the_held_state_only_while_it_is_the_stored_one
     await store.finish(claim, completed(), saved)
 
     await store.enqueue(ALICE, "s1", "two", None)
-    claim = await store.claim("w1", LEASE_S, held={"s1": saved})
-    assert claim is not None and claim.team_state == saved
+    claim = await claim_held(store, {"s1": saved})
+    assert claim.team_state == saved
     assert (claim.team_state is saved) == sql
     # An equal dict it did not save is never taken for the stored state: read back, equal, not that object.
     later = _agent_state([{"source": "user", "content": "two"}], [{"content": "two"}])
     await store.finish(claim, completed(), later)
     await store.enqueue(ALICE, "s1", "three", None)
     lookalike = copy.deepcopy(later)
-    claim = await store.claim("w1", LEASE_S, held={"s1": lookalike})
-    assert claim is not None and claim.team_state == later and claim.team_state is not lookalike
+    claim = await claim_held(store, {"s1": lookalike})
+    assert claim.team_state == later and claim.team_state is not lookalike
     # A reset wrote the state since: the held dict is not handed back.
     await store.finish(claim, completed(), later)
     assert await store.reset_team_state(ALICE, "s1") is not None
     await store.enqueue(ALICE, "s1", "four", None)
-    claim = await store.claim("w1", LEASE_S, held={"s1": later})
-    assert claim is not None and claim.team_state is None
+    claim = await claim_held(store, {"s1": later})
+    assert claim.team_state is None
     await store.finish(claim, completed(), later)
     if not sql:
         return  # memory:// has no other process
@@ -1379,8 +1385,8 @@ async def test_a_claim_hands_back_the_held_state_only_while_it_is_the_stored_one
     finally:
         await other.close()
     await store.enqueue(ALICE, "s1", "six", None)
-    claim = await store.claim("w1", LEASE_S, held={"s1": later})
-    assert claim is not None and claim.team_state == elsewhere
+    claim = await claim_held(store, {"s1": later})
+    assert claim.team_state == elsewhere
 
 
 # --- webhook outbox (README "Webhooks") -----------------------------------------------------------
