@@ -181,7 +181,6 @@ class Run:
         self._fresh: State | None = None
         self._start: State | None = None
         self._proxies: list[UserProxyAgent] = []
-        self._saver: StateSaver | None = None
         self._kept = False
 
     def stop(self, reason: StopReason) -> None:
@@ -281,11 +280,11 @@ class Run:
             return await self._stopped(team)
         # Provider text may hold halves of UTF-16 pairs: repaired (and then the team is not kept: it still holds them).
         # The saver is the live team's (its dumps of the conversation kept from its last save) or a new one.
-        self._saver = self._live.saver if self._live is not None else StateSaver(team)
-        state, state_json = clean_json(await self._saver.save())
+        saver = self._live.saver if self._live is not None else StateSaver(team)
+        state, state_json = clean_json(await saver.save())
         reason = result.stop_reason or "finished"
         entry = lifecycle(RUN_COMPLETED, f"Run completed: {reason}", stop_reason=reason, **self._details())
-        keep = await self._to_keep(team, state, state_json)
+        keep = await self._to_keep(team, saver, state, state_json)
         written = await self.deps.store.finish(self.claim, entry, state)
         pushed_out: list[LiveTeam] = []
         if keep is not None:  # committed: the next claim of the session brings exactly this state
@@ -297,12 +296,12 @@ class Run:
                 await close_model_clients(out.team)
         return Outcome.COMPLETED
 
-    async def _to_keep(self, team: Team, state: State, state_json: bytes | None) -> LiveTeam | None:
+    async def _to_keep(
+        self, team: Team, saver: StateSaver, state: State, state_json: bytes | None
+    ) -> LiveTeam | None:
         """The team as a live team for the session's next run, brought to what a fresh team would load for it
         (``state.next_round``); None when it is not to be kept (then it is used for nothing more)."""
         if self.deps.live_teams.size == 0 or state_json is None or self._fresh is None or self._start is None:
-            return None
-        if self._saver is None:
             return None
         round_ = next_round(state, self._fresh, self._start)
         if round_ is None:
@@ -315,7 +314,7 @@ class Run:
             return None
         release_proxies(team, self._proxies)
         builder = self.deps.teams.builder(self.claim.team)
-        return LiveTeam(team, self.claim.team, builder, state, self._fresh, self._saver)
+        return LiveTeam(team, self.claim.team, builder, state, self._fresh, saver)
 
     async def _run_team(self, team: Team) -> TaskResult:
         """Prepare the team, then run it; a team that cannot take the session's state fails for good."""

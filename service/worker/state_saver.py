@@ -20,7 +20,11 @@ This relies on two facts of autogen-agentchat/autogen-core 0.7.5: AutoGen never 
 it is in one of those lists (messages are values there; the lists only grow, are cleared or are replaced), and
 the owners save those lists as the dump of each item. So lists are swapped only on the exact classes listed below,
 whose ``save_state`` is AutoGen's own; anything else is saved by AutoGen as it is. The tests check that it gives
-what ``team.save_state()`` gives for every team shape, run after run (``tests/test_live_teams.py``).
+what ``team.save_state()`` gives for every team shape, run after run (``tests/test_live_teams.py``). Known
+in-place changes in AutoGen 0.7.5, none reachable here: its OpenAI client (for ``claude-*`` models) and its
+Anthropic client strip trailing spaces from a prompt's last ``AssistantMessage``, but a run's prompts end with its
+task (a user message); the ``ReasoningModelContext`` of its documentation clears ``thought``, but that class is
+not one of the contexts listed below.
 
 The team must not be running while it saves (AutoGen's rule too). The dumps returned are shared with the next
 saves: the state is data to read (serialise, compare, store), never to change in place.
@@ -28,6 +32,8 @@ saves: the state is data to read (serialise, compare, store), never to change in
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +56,8 @@ from autogen_core.model_context import (
     UnboundedChatCompletionContext,
 )
 from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
+
+log = logging.getLogger(__name__)
 
 State = dict[str, Any]
 Dump = Callable[[Sequence[Any]], list[Any]]
@@ -123,6 +131,7 @@ class StateSaver:
 
     team: Team
     _slots: list[_Slot] | None = field(default=None)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def dumped(self) -> int:
@@ -130,12 +139,25 @@ class StateSaver:
         return sum(slot.dumps.dumped for slot in self._slots or ())
 
     async def save(self) -> State:
-        if self._slots is None:
-            team = self.team
-            self._slots = (
-                await _slots(team, ()) if isinstance(team, BaseGroupChat) and _is_group_chat(team) else []
-            )
-        slots = self._slots
+        """What ``team.save_state()`` returns. Saves never overlap (a lock), and nothing else may change the team
+        while it saves (AutoGen's rule too); if something did, the lists get what was added meanwhile and this
+        save and the next ones are AutoGen's own."""
+        async with self._lock:
+            if self._slots is None:
+                self._slots = await self._find_slots()
+            return await self._save(self._slots)
+
+    async def _find_slots(self) -> list[_Slot]:
+        team = self.team
+        if not (isinstance(team, BaseGroupChat) and _is_group_chat(team)):
+            return []
+        try:
+            return await _slots(team, ())
+        except Exception:  # AutoGen internals not as 0.7.5 has them: save the ordinary way
+            log.warning("cannot find the growing lists of team %s; its state is saved by AutoGen", type(team))
+            return []
+
+    async def _save(self, slots: list[_Slot]) -> State:
         lists: list[list[Any]] = []
         for slot in slots:
             items = getattr(slot.owner, slot.attr, None)
@@ -143,13 +165,16 @@ class StateSaver:
                 return dict(await self.team.save_state())
             lists.append(items)
         dumps = [slot.dumps.of(items) for slot, items in zip(slots, lists, strict=True)]
+        stand_ins: list[list[Any]] = [[] for _ in slots]
         try:
-            for slot in slots:
-                setattr(slot.owner, slot.attr, [])
+            for slot, stand_in in zip(slots, stand_ins, strict=True):
+                setattr(slot.owner, slot.attr, stand_in)
             state = dict(await self.team.save_state())
         finally:
-            for slot, items in zip(slots, lists, strict=True):
-                setattr(slot.owner, slot.attr, items)
+            intact = _put_back(slots, lists, stand_ins)
+        if not intact:
+            self._slots = []
+            return dict(await self.team.save_state())
         for slot, dumped in zip(slots, dumps, strict=True):
             parent = _at(state, slot.path[:-1])
             if parent is None or parent.get(slot.path[-1]) != []:
@@ -158,6 +183,23 @@ class StateSaver:
                 return dict(await self.team.save_state())
             parent[slot.path[-1]] = dumped
         return state
+
+
+def _put_back(slots: list[_Slot], lists: list[list[Any]], stand_ins: list[list[Any]]) -> bool:
+    """Put each list back in place of its empty stand-in. False when something touched a stand-in during the
+    save (an agent's ``save_state`` that awaited while another task changed the team): what was added to a
+    stand-in is added to the list, and a list replaced meanwhile stays replaced."""
+    intact = True
+    for slot, items, stand_in in zip(slots, lists, stand_ins, strict=True):
+        current = getattr(slot.owner, slot.attr, None)
+        if current is not stand_in:
+            intact = False
+            continue
+        if stand_in:
+            items.extend(stand_in)
+            intact = False
+        setattr(slot.owner, slot.attr, items)
+    return intact
 
 
 def _is_group_chat(team: object) -> bool:

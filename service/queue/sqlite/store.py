@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any, ClassVar
 
 from service.errors import StoreUnavailable
@@ -244,8 +243,10 @@ class SqliteStore:
 
     async def claim(self, worker_id: str, lease_s: float, held: HeldStates | None = None) -> Claim | None:
         now = self.clock()
-        known = partial(self._written.known, held=held)
-        return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s, known))
+        known = self._written.all_known(
+            held
+        )  # here, on the event loop that changes ``held``, not in the writer
+        return await self.engine.write(lambda c: fn.claim(c, now, worker_id, lease_s, known.get))
 
     async def append(self, claim: Claim, entries: Sequence[NewEntry]) -> list[Entry]:
         now = self.clock()
