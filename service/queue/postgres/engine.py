@@ -13,7 +13,7 @@ Several writers (``pg_writers``, default 1): each takes its share of the calls w
 the database works on their batches at once (one process per connection). The lock order is what makes that
 safe: batches of two writers are no different from batches of two instances. A caller has one call in flight at
 a time, so one caller's calls still commit in the order it made them. Measured (bench/queue.py, README
-"Benchmarks"): two writers make more, smaller commits, which costs the database ~35% more CPU per write, so they
+"Benchmarks"): two writers make more, smaller commits, which costs the database 35-60% more CPU per write, so they
 only pay on a database server with idle cores.
 """
 
