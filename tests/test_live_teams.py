@@ -31,6 +31,7 @@ import service.queue.sqlite.functions as sqlite_functions
 import service.queue.state_pieces as state_pieces_module
 import service.text as text_module
 import service.worker.state as state_module
+import service.worker.state_saver as state_saver_module
 from service.hub import Hub
 from service.models import RUN_COMPLETED, Entry, lifecycle
 from service.queue import Store, open_store
@@ -112,6 +113,21 @@ def grown(per_turn: dict[int, dict[str, int]]) -> dict[str, tuple[float, float]]
     return {n: (early[n], late[n]) for n in names if late[n] > early[n] * 1.2 + 2}
 
 
+class CountingBytes:
+    """``orjson`` as a module sees it, counting the bytes ``dumps`` writes under ``name``."""
+
+    def __init__(self, counted: Counted, name: str) -> None:
+        self._counted, self._name = counted, name
+
+    def dumps(self, *args: Any, **kwargs: Any) -> bytes:
+        text = orjson.dumps(*args, **kwargs)
+        self._counted.add(self._name, len(text))
+        return text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(orjson, name)
+
+
 def counting_assemble(counted: Counted) -> Callable[..., Any]:
     """``state_pieces.assemble`` as a store calls it, counting the state items it reads back (the pieces)."""
 
@@ -131,7 +147,9 @@ async def test_saving_and_claiming_the_state_do_not_grow_with_the_conversation(
     claim reading the whole saved state back. On main before the change (commit ff15cf8) it failed on SQLite:
     messages dumped per turn 133 at turn ~20 -> 1,213 at turn ~200, state bytes the claim parsed 27,045 ->
     252,738; on PostgreSQL, before migration 0014, the items read back grew with every turn. Now 7 messages
-    dumped and no item read back at both (the claim hands back the state the live team holds).
+    dumped and no item read back at both (the claim hands back the state the live team holds). Then the state's
+    whole text, serialised to check it needs no repair and to diff its pieces: on d40e892 the bytes checked and
+    the bytes the piece diff serialised per turn grew with the conversation; now only what the run added.
     """
     counted = Counted()
     original_dump = BaseMessage.dump
@@ -150,6 +168,13 @@ async def test_saving_and_claiming_the_state_do_not_grow_with_the_conversation(
     monkeypatch.setattr(ChatCompletionContextState, "model_dump", context_dump)
     monkeypatch.setattr(sqlite_functions, "assemble", counting_assemble(counted))
     monkeypatch.setattr(postgres_store, "assemble", counting_assemble(counted))
+    # The state's text: the check that it needs no repair (text.clean_json, or the saver's check of what it
+    # dumped anew) and the piece diff's serialisations and hashes (state_pieces).
+    monkeypatch.setattr(text_module, "orjson", CountingBytes(counted, "state text checked: bytes"))
+    monkeypatch.setattr(
+        state_saver_module, "orjson", CountingBytes(counted, "state text checked: bytes"), raising=False
+    )
+    monkeypatch.setattr(state_pieces_module, "orjson", CountingBytes(counted, "piece diff: bytes serialised"))
     with backend_url(backend, tmp_path) as url:
         per_turn = await long_session(tmp_path, counted, url)
         assert not grown(per_turn), f"per turn (turn ~20, turn ~200): {grown(per_turn)}"

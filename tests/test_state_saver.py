@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from autogen_agentchat.agents import AssistantAgent, BaseChatAgent
 from autogen_agentchat.base import Response
@@ -116,3 +117,22 @@ async def test_a_team_it_cannot_read_is_saved_by_autogen(monkeypatch: pytest.Mon
     saver = StateSaver(team)
     assert await saver.save() == await team.save_state()
     assert saver.dumped == 0  # nothing kept: AutoGen's own save
+
+
+async def test_a_message_that_needs_repair_is_found_though_only_new_messages_are_checked() -> None:
+    """``clean_json`` checks only what the save dumped anew: a half UTF-16 pair in a new message is still found
+    (the state is repaired and reported unclean), and the messages checked before are not serialised again."""
+    team, assistant, _ = await a_team()
+    saver = StateSaver(team)
+    state, clean = saver.clean_json(await saver.save())
+    assert clean and state == await team.save_state()
+    await assistant._model_context.add_message(UserMessage(content="half a pair: \ud800", source="user"))
+    saved = await saver.save()
+    view = saver._new_part(saved)
+    assert view is not None
+    new = view["agent_states"]["assistant"]["agent_state"]["llm_context"]["messages"]
+    assert [m["content"] for m in new] == ["half a pair: \ud800"]
+    repaired, clean = saver.clean_json(saved)
+    assert not clean
+    assert orjson.dumps(repaired)  # writable now: the half pair became U+FFFD
+    assert "half a pair: \ufffd" in orjson.dumps(repaired).decode()

@@ -53,7 +53,7 @@ from service.models import (
     utcnow,
 )
 from service.queue import rules
-from service.queue.state_pieces import HeldStates
+from service.queue.state_pieces import HeldStates, PiecesMemo
 from service.queue.store import DEFAULT_PAGE, Clock, CommitListener
 
 QUEUED = "queued"
@@ -426,7 +426,9 @@ class MemoryStore:
                 for i in row.pending
             )
 
-    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+    async def finish(
+        self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None, memo: PiecesMemo | None = None
+    ) -> Entry:
         async with self._lock:
             row, item = self._fenced(claim)
             if team_state is not None:

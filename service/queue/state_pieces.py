@@ -25,6 +25,7 @@ next save stores it in pieces. The memory backend keeps the dict and needs none 
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -84,40 +85,85 @@ def _digest(hashed: Any) -> str:
     return str(hashed.hexdigest()[:DIGEST_CHARS])
 
 
-def _plan_list(items: list[Any], count: int, digest: str) -> tuple[int, list[bytes], str]:
-    """``(keep, the JSON texts of items[keep:], the list's digest)``: ``keep`` is ``count`` when the list's first
-    ``count`` items are the stored ones (their array text has ``digest``), else 0. One orjson call writes the
-    whole array (in C); only the items to write are written one by one."""
+@dataclass(slots=True)
+class ListMemo:
+    """One list as a save last planned it: its items (the objects), the SHA-256 of its array text so far (``[``
+    and the items' texts joined by commas, not yet closed) and its manifest entry."""
+
+    items: list[Any]
+    open_hash: Any  # a hashlib sha256 object
+    count: int
+    digest: str
+
+
+class PiecesMemo:
+    """What the saves of one team's state planned last, by list path (README "Team state"), so the next plan of
+    a list whose first items are the very same objects (the ``StateSaver`` hands back the same dumps) serialises
+    and hashes only the items after them. Kept by the caller (a live team) and given to ``Store.finish``; a memo
+    that does not match the stored manifest, or items that are not the same objects, make a full plan. Items
+    must not be changed in place (a saved state is data to read)."""
+
+    def __init__(self) -> None:
+        self.lists: dict[str, ListMemo] = {}
+
+
+def _plan_list(
+    items: list[Any], count: int, digest: str, memo: ListMemo | None
+) -> tuple[int, list[bytes], ListMemo]:
+    """``(keep, the JSON texts of items[keep:], the list as planned now)``: ``keep`` is ``count`` when the list's
+    first ``count`` items are the stored ones (their array text has ``digest``), else 0. With a ``memo`` of the
+    stored list whose items open ``items``, only the items after them are serialised and hashed; otherwise one
+    orjson call writes the whole array (in C) and only the items to write are written one by one."""
+    if memo is not None and (memo.count, memo.digest) == (count, digest) and _opens(memo.items, items):
+        tail = [orjson.dumps(v) for v in items[count:]]
+        open_hash = memo.open_hash.copy()
+        open_hash.update((b"," if count and tail else b"") + b",".join(tail))
+        return count, tail, _listed(items, open_hash)
     text = orjson.dumps(items)  # "[" + the items' own texts joined by "," + "]", which the pieces hold
+    open_hash = hashlib.sha256(memoryview(text)[:-1])
     if not 0 <= count <= len(items):
-        return 0, [orjson.dumps(v) for v in items], _digest(hashlib.sha256(text))
+        return 0, [orjson.dumps(v) for v in items], _listed(items, open_hash)
     tail = [orjson.dumps(v) for v in items[count:]]
     # Where the first ``count`` items end in ``text`` (before the comma of the first of the others).
     end = 1 if count == 0 else len(text) - 1 - sum(len(t) + 1 for t in tail)
-    whole = hashlib.sha256(memoryview(text)[:end])
-    prefix = whole.copy()
+    prefix = hashlib.sha256(memoryview(text)[:end])
     prefix.update(b"]")
-    whole.update(memoryview(text)[end:])
     if _digest(prefix) == digest:
-        return count, tail, _digest(whole)
-    return 0, [orjson.dumps(v) for v in items], _digest(whole)
+        return count, tail, _listed(items, open_hash)
+    return 0, [orjson.dumps(v) for v in items], _listed(items, open_hash)
 
 
-def plan_save(state: Mapping[str, Any], stored: Manifest | None) -> StateSave:
-    """Split ``state`` and decide what to write, given the manifest of what is stored (None: unknown)."""
+def _listed(items: list[Any], open_hash: Any) -> ListMemo:
+    closed = open_hash.copy()
+    closed.update(b"]")
+    return ListMemo(list(items), open_hash, len(items), _digest(closed))
+
+
+def _opens(kept: list[Any], items: list[Any]) -> bool:
+    """Whether ``kept`` are the first items of ``items``, the very same objects (one C pass)."""
+    return len(kept) <= len(items) and all(map(operator.is_, kept, items))
+
+
+def plan_save(state: Mapping[str, Any], stored: Manifest | None, memo: PiecesMemo | None = None) -> StateSave:
+    """Split ``state`` and decide what to write, given the manifest of what is stored (None: unknown) and, when
+    the caller keeps one, the ``memo`` of its last plan (updated to this one)."""
     lists: dict[str, list[Any]] = {}
     head = _split(state, [], lists)
     manifest: Manifest = {}
     writes = []
+    planned: dict[str, ListMemo] = {}
     for path, items in lists.items():
         count, digest = (stored or {}).get(path, (-1, ""))
-        keep, texts, manifest_digest = _plan_list(items, count, digest)
-        manifest[path] = (len(items), manifest_digest)
+        keep, texts, listed = _plan_list(items, count, digest, None if memo is None else memo.lists.get(path))
+        planned[path] = listed
+        manifest[path] = (listed.count, listed.digest)
         if keep < len(items) or (stored is not None and keep != count):
             writes.append(PieceWrite(path, keep, [t.decode() for t in texts]))
     if stored is not None:  # lists that disappeared (a removed agent): drop their pieces
         writes.extend(PieceWrite(path, 0, []) for path in stored if path not in lists)
     text = orjson.dumps({MANIFEST: {p: list(v) for p, v in manifest.items()}, HEAD: head}).decode()
+    if memo is not None:
+        memo.lists = planned
     return StateSave(text, writes, manifest, clear=stored is None)
 
 

@@ -64,7 +64,7 @@ from service.models import (
     Session,
     WebhookEvent,
 )
-from service.queue.state_pieces import HeldStates
+from service.queue.state_pieces import HeldStates, PiecesMemo
 
 Clock = Callable[[], datetime]
 # Called with (session_id, last_seq) when another process committed entries (PostgreSQL NOTIFY).
@@ -225,10 +225,13 @@ class Store(Protocol):
         """True when an input with strategy ``rollback`` waits in the claim's session behind it: a stopped run
         then keeps the previous team state (README "Double-texting")."""
 
-    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+    async def finish(
+        self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None, memo: PiecesMemo | None = None
+    ) -> Entry:
         """End the run: append ``entry`` (run_completed, run_cancelled or a final run_failed), mark the input done,
         save ``team_state`` (when not None) in the same transaction, and update the session's status. LeaseLost
-        if fenced."""
+        if fenced. ``memo``: the caller's record of its last save's plan (``state_pieces.PiecesMemo``, kept with a
+        live team), so the SQL stores serialise and hash only what the run added; memory:// ignores it."""
 
     async def retry(self, claim: Claim, entry: NewEntry, not_before: datetime) -> list[Entry]:
         """The run failed and will be tried again: append ``entry`` (run_failed, retrying) and put the input back

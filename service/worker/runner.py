@@ -281,11 +281,11 @@ class Run:
         # Provider text may hold halves of UTF-16 pairs: repaired (and then the team is not kept: it still holds them).
         # The saver is the live team's (its dumps of the conversation kept from its last save) or a new one.
         saver = self._live.saver if self._live is not None else StateSaver(team)
-        state, state_json = clean_json(await saver.save())
+        state, clean = saver.clean_json(await saver.save())
         reason = result.stop_reason or "finished"
         entry = lifecycle(RUN_COMPLETED, f"Run completed: {reason}", stop_reason=reason, **self._details())
-        keep = await self._to_keep(team, saver, state, state_json)
-        written = await self.deps.store.finish(self.claim, entry, state)
+        keep = await self._to_keep(team, saver, state, clean)
+        written = await self.deps.store.finish(self.claim, entry, state, saver.pieces)
         pushed_out: list[LiveTeam] = []
         if keep is not None:  # committed: the next claim of the session brings exactly this state
             pushed_out = self.deps.live_teams.put(self.claim.session_id, keep)
@@ -296,12 +296,10 @@ class Run:
                 await close_model_clients(out.team)
         return Outcome.COMPLETED
 
-    async def _to_keep(
-        self, team: Team, saver: StateSaver, state: State, state_json: bytes | None
-    ) -> LiveTeam | None:
+    async def _to_keep(self, team: Team, saver: StateSaver, state: State, clean: bool) -> LiveTeam | None:
         """The team as a live team for the session's next run, brought to what a fresh team would load for it
         (``state.next_round``); None when it is not to be kept (then it is used for nothing more)."""
-        if self.deps.live_teams.size == 0 or state_json is None or self._fresh is None or self._start is None:
+        if self.deps.live_teams.size == 0 or not clean or self._fresh is None or self._start is None:
             return None
         round_ = next_round(state, self._fresh, self._start)
         if round_ is None:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import Team
 from autogen_agentchat.teams import BaseGroupChat
@@ -56,6 +57,9 @@ from autogen_core.model_context import (
     UnboundedChatCompletionContext,
 )
 from autogen_core.model_context._chat_completion_context import ChatCompletionContextState
+
+from service.queue.state_pieces import PiecesMemo
+from service.text import clean_json
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +96,13 @@ class ListDumps:
         self._objects: list[Any] = []  # the items dumped, in order
         self._dumps: list[Any] = []
         self.dumped = 0  # items dumped so far (tests count them)
+        self.fresh = 0  # items the last ``of`` dumped (its result's last ones)
 
     def of(self, items: list[Any]) -> list[Any]:
         """The dumps of ``items`` (a new list; its items are shared with later calls)."""
         same = same_prefix(self._objects, items)
         del self._objects[same:], self._dumps[same:]
+        self.fresh = len(items) - same
         if same < len(items):
             tail = items[same:]
             self._dumps.extend(self._dump(tail))
@@ -132,6 +138,11 @@ class StateSaver:
     team: Team
     _slots: list[_Slot] | None = field(default=None)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The plan of the last save's pieces, for Store.finish (state_pieces.PiecesMemo).
+    pieces: PiecesMemo = field(default_factory=PiecesMemo)
+    # The last state saved and, per list, how many of its last items that save dumped (None: unknown).
+    _last: State | None = field(default=None)
+    _fresh: list[tuple[tuple[str, ...], int]] | None = field(default=None)
 
     @property
     def dumped(self) -> int:
@@ -145,7 +156,45 @@ class StateSaver:
         async with self._lock:
             if self._slots is None:
                 self._slots = await self._find_slots()
-            return await self._save(self._slots)
+            self._last, self._fresh = None, None
+            state = await self._save(self._slots)
+            if self._slots:  # not fallen back to AutoGen's own save
+                self._fresh = [(slot.path, slot.dumps.fresh) for slot in self._slots]
+            self._last = state
+            return state
+
+    def clean_json(self, state: State) -> tuple[State, bool]:
+        """``text.clean_json`` of the state ``save`` just returned, as ``(state, clean)``, checking only what that
+        save dumped anew: the messages dumped before were checked by the save that dumped them (a state that
+        needed repair is not kept with its team, so its saver is not used again)."""
+        view = self._new_part(state)
+        if view is None:
+            value, text = clean_json(state)
+            return value, text is not None
+        try:
+            orjson.dumps(view)
+        except orjson.JSONEncodeError:
+            value, text = clean_json(state)
+            return value, text is not None
+        return state, True
+
+    def _new_part(self, state: State) -> State | None:
+        """``state`` with each kept list cut to what the last save dumped anew (a copy along the way), or None."""
+        if state is not self._last or self._fresh is None:
+            return None
+        view: State = dict(state)
+        for path, fresh in self._fresh:
+            node = view
+            for key in path[:-1]:
+                child = node.get(key)
+                if not isinstance(child, dict):
+                    return None
+                node[key] = node = dict(child)
+            items = node.get(path[-1])
+            if not isinstance(items, list):
+                return None
+            node[path[-1]] = items[len(items) - fresh :]
+        return view
 
     async def _find_slots(self) -> list[_Slot]:
         team = self.team

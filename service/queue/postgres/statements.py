@@ -16,7 +16,7 @@ import orjson
 
 from service.errors import BadRequest
 from service.models import Entry, NewEntry, Session, SessionStatus
-from service.queue.state_pieces import Manifest, StateSave, plan_save
+from service.queue.state_pieces import Manifest, PiecesMemo, StateSave, plan_save
 
 LOG_CHANNEL = "service_log"  # payload "<session_id> <last_seq> <instance_id>": entries were committed
 WORK_CHANNEL = "service_work"  # payload "<session_id> <instance_id>": work may be claimable, or a cancel
@@ -102,10 +102,12 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def planned_save(state: Mapping[str, Any], stored: Manifest | None) -> StateSave:
+def planned_save(
+    state: Mapping[str, Any], stored: Manifest | None, memo: PiecesMemo | None = None
+) -> StateSave:
     """``state_pieces.plan_save``, with BadRequest for what JSON cannot carry (as ``json_text``)."""
     try:
-        return plan_save(state, stored)
+        return plan_save(state, stored, memo)
     except orjson.JSONEncodeError as exc:
         raise BadRequest(f"the database cannot store this value: {exc}") from exc
 

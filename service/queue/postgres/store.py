@@ -60,7 +60,14 @@ from service.queue.postgres.errors import CONNECT_TIMEOUT_S, DRIVER_ERRORS, tran
 from service.queue.postgres.notify import Notifier
 from service.queue.postgres.outbox import Outbox
 from service.queue.postgres.schema import applied_versions, migrate
-from service.queue.state_pieces import HeldStates, Manifest, WrittenHeads, assemble, manifest_of
+from service.queue.state_pieces import (
+    HeldStates,
+    Manifest,
+    PiecesMemo,
+    WrittenHeads,
+    assemble,
+    manifest_of,
+)
 from service.queue.store import DEFAULT_PAGE, READY_PROBE_S, Clock, CommitListener
 
 _CANCEL_TRIES = 5
@@ -403,11 +410,13 @@ class PostgresStore:
         async with self.engine.conn() as conn:
             return bool(await conn.fetchval(q.ROLLBACK_REQUESTED, claim.session_id, claim.input_id))
 
-    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+    async def finish(
+        self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None, memo: PiecesMemo | None = None
+    ) -> Entry:
         args: dict[str, Any] = {"entry": q.new_entry_json(entry)}
         if team_state is not None:
             # Only what the run added is sent and written (state_pieces.py); the head is small.
-            save = q.planned_save(team_state, claim.state_manifest)
+            save = q.planned_save(team_state, claim.state_manifest, memo)
             args["state"] = save.head
             args["clear"] = save.clear
             args["pieces"] = [{"path": w.path, "keep": w.keep, "items": w.items_json()} for w in save.writes]

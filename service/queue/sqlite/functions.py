@@ -57,6 +57,7 @@ from service.queue.sqlite.statements import stamp
 from service.queue.state_pieces import (
     MANIFEST,
     Manifest,
+    PiecesMemo,
     StateSave,
     assemble,
     head_digest,
@@ -386,12 +387,17 @@ def _rollback_waits(db: Db, session_id: str, input_id: int) -> bool:
 
 
 def finish(
-    db: Db, now: datetime, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None
+    db: Db,
+    now: datetime,
+    claim: Claim,
+    entry: NewEntry,
+    team_state: dict[str, Any] | None,
+    memo: PiecesMemo | None = None,
 ) -> tuple[Entry, str | None]:
     """The run's terminal entry, and the state head written (None: the state was left as it was)."""
     if db.execute(q.DONE, (claim.input_id, claim.lease_token)).rowcount == 0:
         raise LeaseLost()
-    save = None if team_state is None else plan_save(team_state, claim.state_manifest)
+    save = None if team_state is None else plan_save(team_state, claim.state_manifest, memo)
     return end(db, now, claim.session_id, entry, claim.run_id, save), None if save is None else save.head
 
 

@@ -40,7 +40,7 @@ from service.queue.sqlite.schema import (
     migrations_pending,
     probe_write_in_transaction,
 )
-from service.queue.state_pieces import HeldStates, WrittenHeads
+from service.queue.state_pieces import HeldStates, PiecesMemo, WrittenHeads
 from service.queue.store import EXPIRE_ENTRIES, READY_PROBE_S, Clock, CommitListener
 
 DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
@@ -273,9 +273,11 @@ class SqliteStore:
     async def rollback_requested(self, claim: Claim) -> bool:
         return await self.engine.read(lambda c: fn.rollback_requested(c, claim))
 
-    async def finish(self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None) -> Entry:
+    async def finish(
+        self, claim: Claim, entry: NewEntry, team_state: dict[str, Any] | None, memo: PiecesMemo | None = None
+    ) -> Entry:
         now = self.clock()
-        done, head = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state))
+        done, head = await self.engine.write(lambda c: fn.finish(c, now, claim, entry, team_state, memo))
         if head is not None and team_state is not None:  # committed: the head written with that very state
             self._written.remember(claim.session_id, head, team_state)
         self._wake()  # the session's next input (if any) just became claimable
