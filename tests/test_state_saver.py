@@ -128,7 +128,7 @@ async def test_a_message_that_needs_repair_is_found_though_only_new_messages_are
     assert clean and state == await team.save_state()
     await assistant._model_context.add_message(UserMessage(content="half a pair: \ud800", source="user"))
     saved = await saver.save()
-    view = saver._new_part(saved)
+    view = saver._unchecked_part(saved)
     assert view is not None
     new = view["agent_states"]["assistant"]["agent_state"]["llm_context"]["messages"]
     assert [m["content"] for m in new] == ["half a pair: \ud800"]
@@ -136,3 +136,18 @@ async def test_a_message_that_needs_repair_is_found_though_only_new_messages_are
     assert not clean
     assert orjson.dumps(repaired)  # writable now: the half pair became U+FFFD
     assert "half a pair: \ufffd" in orjson.dumps(repaired).decode()
+
+
+async def test_messages_of_a_save_that_failed_are_checked_by_the_next() -> None:
+    """A save that raised had dumped its new messages already: the next save's check still serialises them (only
+    a check that passed marks dumps as checked), so a half pair among them is found."""
+    team, assistant, slow = await a_team()
+    saver = StateSaver(team)
+    saver.clean_json(await saver.save())
+    await assistant._model_context.add_message(UserMessage(content="half a pair: \ud800", source="user"))
+    slow.fail = True
+    with pytest.raises(RuntimeError, match="could not save"):
+        await saver.save()
+    slow.fail = False
+    _, clean = saver.clean_json(await saver.save())
+    assert not clean

@@ -36,7 +36,8 @@ ALTER TABLE webhook_outbox DROP CONSTRAINT IF EXISTS webhook_outbox_session_id_f
 
 -- A deleted session's rows go with it (what ON DELETE CASCADE did): one statement per table for however many
 -- sessions one DELETE removed (svc_delete_session, the retention sweep). Each table has an index led by
--- session_id. Inputs referring to a deleted input (answer_for) are among the session's own inputs.
+-- session_id. Inputs referring to a deleted input (answer_for) are among the session's own inputs. Unlike the
+-- foreign keys, nothing stops a TRUNCATE of sessions alone (the service never truncates): truncate every table.
 CREATE FUNCTION svc_forget_sessions() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   DELETE FROM entries e USING gone g WHERE e.session_id = g.session_id;

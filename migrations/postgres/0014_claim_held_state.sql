@@ -10,7 +10,7 @@ DECLARE
   v_in record;
   v_s record;
   v_found boolean := false;
-  v_held boolean;
+  v_held text;
 BEGIN
   FOR i IN 1..5 LOOP
     v_sid := svc_pick(p_now);
@@ -39,11 +39,12 @@ BEGIN
           to_json(CASE WHEN v_in.attempt = 1 THEN 'Run started.'
                        ELSE format('Run started (attempt %s).', v_in.attempt) END),
           p->>'run', NULL, json_build_object('input_seq', v_in.input_seq, 'attempt', v_in.attempt), p_now);
-  v_held := v_s.team_state IS NOT NULL AND p->'held'->>v_sid IS NOT NULL
-            AND p->'held'->>v_sid = encode(sha256(convert_to(v_s.team_state::text, 'UTF8')), 'hex');
+  v_held := p->'held'->>v_sid;  -- the digest of the head the claimer holds for this session, if any
+  v_found := v_held IS NOT NULL AND v_s.team_state IS NOT NULL
+             AND v_held = encode(sha256(convert_to(v_s.team_state::text, 'UTF8')), 'hex');
   RETURN json_build_object(
     'input', v_in.id, 'session', v_sid, 'owner', v_s.owner, 'team', v_s.team, 'input_seq', v_in.input_seq,
     'content', v_in.content, 'attempt', v_in.attempt, 'failures', v_in.failures, 'seq', v_s.last_seq,
-    'at', svc_us(p_now), 'state', v_s.team_state, 'held', v_held,
-    'pieces', CASE WHEN v_held THEN NULL ELSE svc_pieces(v_sid) END, 'trace', v_in.trace_context);
+    'at', svc_us(p_now), 'state', v_s.team_state, 'held', v_found,
+    'pieces', CASE WHEN v_found THEN NULL ELSE svc_pieces(v_sid) END, 'trace', v_in.trace_context);
 END $$;

@@ -101,7 +101,9 @@ class PiecesMemo:
     a list whose first items are the very same objects (the ``StateSaver`` hands back the same dumps) serialises
     and hashes only the items after them. Kept by the caller (a live team) and given to ``Store.finish``; a memo
     that does not match the stored manifest, or items that are not the same objects, make a full plan. Items
-    must not be changed in place (a saved state is data to read)."""
+    must never be changed in place (a saved state is data to read): with a memo, an item changed in place after
+    its plan would not be written again (without one, its list's digest would no longer match and the list would
+    be rewritten), so this rule is what keeps the stored state true."""
 
     def __init__(self) -> None:
         self.lists: dict[str, ListMemo] = {}

@@ -96,13 +96,16 @@ class ListDumps:
         self._objects: list[Any] = []  # the items dumped, in order
         self._dumps: list[Any] = []
         self.dumped = 0  # items dumped so far (tests count them)
-        self.fresh = 0  # items the last ``of`` dumped (its result's last ones)
+        self.checked = 0  # the first dumps found writable as they are (``StateSaver.clean_json``)
+
+    def __len__(self) -> int:
+        return len(self._dumps)
 
     def of(self, items: list[Any]) -> list[Any]:
         """The dumps of ``items`` (a new list; its items are shared with later calls)."""
         same = same_prefix(self._objects, items)
         del self._objects[same:], self._dumps[same:]
-        self.fresh = len(items) - same
+        self.checked = min(self.checked, same)
         if same < len(items):
             tail = items[same:]
             self._dumps.extend(self._dump(tail))
@@ -140,9 +143,8 @@ class StateSaver:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The plan of the last save's pieces, for Store.finish (state_pieces.PiecesMemo).
     pieces: PiecesMemo = field(default_factory=PiecesMemo)
-    # The last state saved and, per list, how many of its last items that save dumped (None: unknown).
+    # The last state saved (what ``clean_json`` can check in part).
     _last: State | None = field(default=None)
-    _fresh: list[tuple[tuple[str, ...], int]] | None = field(default=None)
 
     @property
     def dumped(self) -> int:
@@ -156,18 +158,16 @@ class StateSaver:
         async with self._lock:
             if self._slots is None:
                 self._slots = await self._find_slots()
-            self._last, self._fresh = None, None
+            self._last = None
             state = await self._save(self._slots)
-            if self._slots:  # not fallen back to AutoGen's own save
-                self._fresh = [(slot.path, slot.dumps.fresh) for slot in self._slots]
             self._last = state
             return state
 
     def clean_json(self, state: State) -> tuple[State, bool]:
-        """``text.clean_json`` of the state ``save`` just returned, as ``(state, clean)``, checking only what that
-        save dumped anew: the messages dumped before were checked by the save that dumped them (a state that
-        needed repair is not kept with its team, so its saver is not used again)."""
-        view = self._new_part(state)
+        """``text.clean_json`` of the state ``save`` just returned, as ``(state, clean)``, serialising only the
+        kept dumps not yet found writable (``ListDumps.checked``: a check that passes moves it on; one that fails
+        leaves it, and a state that needed repair is not kept with its team anyway)."""
+        view = self._unchecked_part(state)
         if view is None:
             value, text = clean_json(state)
             return value, text is not None
@@ -176,24 +176,27 @@ class StateSaver:
         except orjson.JSONEncodeError:
             value, text = clean_json(state)
             return value, text is not None
+        for slot in self._slots or ():
+            slot.dumps.checked = len(slot.dumps)
         return state, True
 
-    def _new_part(self, state: State) -> State | None:
-        """``state`` with each kept list cut to what the last save dumped anew (a copy along the way), or None."""
-        if state is not self._last or self._fresh is None:
+    def _unchecked_part(self, state: State) -> State | None:
+        """``state`` with each kept list cut to its dumps not yet checked (copies along the way), or None when
+        ``state`` is not the last save's with kept dumps (then all of it is checked)."""
+        if state is not self._last or not self._slots:
             return None
         view: State = dict(state)
-        for path, fresh in self._fresh:
+        for slot in self._slots:
             node = view
-            for key in path[:-1]:
+            for key in slot.path[:-1]:
                 child = node.get(key)
                 if not isinstance(child, dict):
                     return None
                 node[key] = node = dict(child)
-            items = node.get(path[-1])
-            if not isinstance(items, list):
+            items = node.get(slot.path[-1])
+            if not isinstance(items, list) or len(items) != len(slot.dumps):
                 return None
-            node[path[-1]] = items[len(items) - fresh :]
+            node[slot.path[-1]] = items[slot.dumps.checked :]
         return view
 
     async def _find_slots(self) -> list[_Slot]:
@@ -210,7 +213,10 @@ class StateSaver:
         lists: list[list[Any]] = []
         for slot in slots:
             items = getattr(slot.owner, slot.attr, None)
-            if not isinstance(items, list):
+            if not isinstance(
+                items, list
+            ):  # not as AutoGen 0.7.5 has it: save the ordinary way, keep nothing
+                self._slots = []
                 return dict(await self.team.save_state())
             lists.append(items)
         dumps = [slot.dumps.of(items) for slot, items in zip(slots, lists, strict=True)]

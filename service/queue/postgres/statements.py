@@ -32,13 +32,15 @@ ENTRY_COLS = "session_id, seq, type, source, content, run_id, client_msg_id, met
 GET_SESSION = f"SELECT {SESSION_COLS} FROM sessions WHERE session_id = $1 AND owner = $2"
 # Retention, outside the writer (its own transaction on a pool connection, so a sweep never delays acks): the
 # expired rows are locked SKIP LOCKED, so instances sweeping at once each delete different sessions, once.
-# $1 idle seconds, $2 limit, $3 clock offset (tests).
+# $1 idle seconds, $2 limit, $3 clock offset (tests). No ORDER BY: updated_at has no index (migration 0013: the
+# session row's updates stay heap-only), so each batch is a scan that stops at its limit, not a full scan and
+# a sort per batch; every session it finds is expired anyway.
 EXPIRE_SESSIONS = """WITH doomed AS (
   SELECT session_id FROM sessions s
   WHERE updated_at < now() + $3 * interval '1 second' - $1 * interval '1 second'
     AND status IN ('idle', 'failed')
     AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.session_id = s.session_id AND i.status IN ('queued', 'running'))
-  ORDER BY updated_at, session_id LIMIT $2
+  LIMIT $2
   FOR UPDATE SKIP LOCKED)
 DELETE FROM sessions s USING doomed d WHERE s.session_id = d.session_id RETURNING s.session_id"""
 # Webhook outbox (migration 0010). $1 lease_s, $2 limit, $3 the clock offset (seconds).
