@@ -82,7 +82,7 @@ async def post_message(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     session = await owned_session(request)
     data = await parse.body(request)
-    input_seq = None if data.get("input_seq") is None else parse.seq(data["input_seq"])
+    input_seq = None if data.get("input_seq") is None else parse.seq(data["input_seq"], "input_seq")
     cancelled = await actions.cancel(request.app, current_user(request), session.session_id, input_seq)
     return json_response({"cancelled": cancelled}, status=202)
 

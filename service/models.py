@@ -332,7 +332,7 @@ def lifecycle(type_: str, content: str, **details: Any) -> NewEntry:
 def interrupted(input_seq: int, attempt: int) -> NewEntry:
     return lifecycle(
         RUN_INTERRUPTED,
-        "The run was interrupted (the service stopped); its input is queued again.",
+        "The run was interrupted (the process running it stopped or lost its lease); its input is queued again.",
         input_seq=input_seq,
         attempt=attempt,
         retrying=True,

@@ -145,8 +145,8 @@ def multitask_strategy(data: dict[str, Any]) -> str | None:
     return str(value)
 
 
-def seq(value: Any) -> int:
-    """A seq from a JSON body or frame."""
+def seq(value: Any, name: str = "seq") -> int:
+    """A seq from a JSON body or frame; ``name`` is the field's, for the error."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
-        raise BadRequest(f"seq must be an integer from 0 to {MAX_INT}")
+        raise BadRequest(f"{name} must be an integer from 0 to {MAX_INT}")
     return value

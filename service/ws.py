@@ -92,7 +92,7 @@ class Connection:
         elif kind == "ack":
             await self.on_ack(frame)
         elif kind == "cancel":
-            input_seq = None if frame.get("input_seq") is None else parse.seq(frame["input_seq"])
+            input_seq = None if frame.get("input_seq") is None else parse.seq(frame["input_seq"], "input_seq")
             cancelled = await actions.cancel(self.app, self.owner, self.session.session_id, input_seq)
             await self.send({"type": "cancelled", "cancelled": cancelled, "input_seq": input_seq})
         elif kind == "ping":

@@ -205,6 +205,10 @@ async def test_every_error_has_the_canonical_shape(client: Client) -> None:
         body = await response.json()
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
         assert body["error"]["code"] == code and body["error"]["message"], (method, path, body)
+    # The message names the field at fault.
+    refused = await client.post("/sessions/have/cancel", json={"input_seq": "x"})
+    assert refused.status == 400
+    assert (await refused.json())["error"]["message"].startswith("input_seq must be an integer")
     # The server still works after all of that, and the refused requests created nothing.
     assert (await client.get("/sessions/have")).status == 200
     assert (await client.get("/sessions/plain")).status == 404

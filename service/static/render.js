@@ -160,7 +160,7 @@ export function renderEntry(entry, toolCalls) {
       break;
     }
     case "run_interrupted":
-      node = statusLine("lifecycle interrupted", "Run interrupted (the server stopped); it will be retried");
+      node = statusLine("lifecycle interrupted", "Run interrupted (the server running it stopped); it will be retried");
       break;
     default:
       node = statusLine("other", `${entry.type}${entry.source ? ` (${entry.source})` : ""}: ${asText(entry.content)}`);
