@@ -326,7 +326,26 @@ async def test_sessions_run_in_parallel_each_in_order(world: World) -> None:
     assert metrics.ended == ["completed"] * 6
 
 
-async def test_a_run_whose_lease_expired_writes_nothing(world: World) -> None:
+async def test_a_run_of_a_deleted_session_stops_without_a_warning(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = world.pool(lease_s=30)
+    await world.send("s1", "[[ask]] hello")
+    await pool.run_until_idle()
+    pool.cancel("s1")  # as DELETE /sessions/{id} does, just before the store deletes the session
+    assert await world.store.delete_session(OWNER, "s1")
+    with caplog.at_level(logging.INFO, logger="service.worker.runner"):
+        await pool.run_until_idle()
+    assert pool.stats.lease_lost == 1
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "service.worker.runner"]
+    assert any("the session was deleted" in m for _, m in said), said
+    assert all(level < logging.WARNING for level, _ in said), said
+
+
+async def test_a_run_whose_lease_expired_writes_nothing(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="service.worker.runner")
     pool = world.pool(lease_s=30)
     await world.send("s1", "[[ask]] hello")
     await pool.run_until_idle()
@@ -343,6 +362,12 @@ async def test_a_run_whose_lease_expired_writes_nothing(world: World) -> None:
     ]
     assert [e.type for e in log][-3:] == ["run_started", "TextMessage", "UserInputRequestedEvent"]
     assert pool.stats.lease_lost == 1
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "lease lost" in r.getMessage()
+    ]
+    assert len(warned) == 1, warned  # an expired lease is a fault: it is said
     await world.send("s1", "Bob")
     await pool.run_until_idle()
     assert (await world.replies("s1"))[-1] == "You said: Bob [context: 2]"

@@ -37,7 +37,7 @@ from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient
 
 from service import tracing
-from service.errors import LeaseLost
+from service.errors import LeaseLost, ServiceError
 from service.hub import Hub
 from service.models import (
     RUN_CANCELLED,
@@ -220,8 +220,7 @@ class Run:
             return await self._execute()
         except LeaseLost:
             self.stop(StopReason.LEASE_LOST)
-            log.warning("%s: lease lost, stopped without writing", self.describe())
-            return Outcome.LEASE_LOST
+            return await self._lease_lost()
         finally:
             self.done = True
             self.waiting_for_input = False
@@ -487,11 +486,30 @@ class Run:
         if rest > 0:
             await _first(asyncio.sleep(rest), self._poke.wait())
 
+    async def _lease_lost(self) -> Outcome:
+        """The run stopped without writing: its lease is gone. A session deleted under its run is an ordinary end
+        (logged as such); any other lost lease (it expired and recovery took the input) is a fault worth a
+        warning."""
+        claim = self.claim
+        try:
+            deleted = (
+                await asyncio.wait_for(
+                    self.deps.store.get_session(claim.owner, claim.session_id), AFTER_RUN_TIMEOUT_S
+                )
+                is None
+            )
+        except (ServiceError, TimeoutError):
+            deleted = False  # unknown: say what happened to the lease
+        if deleted:
+            log.info("%s: the session was deleted; the run stopped without writing", self.describe())
+        else:
+            log.warning("%s: lease lost, stopped without writing", self.describe())
+        return Outcome.LEASE_LOST
+
     async def _stopped(self, team: Team) -> Outcome:
         store, claim = self.deps.store, self.claim
         if self.stop_reason is StopReason.LEASE_LOST:
-            log.warning("%s: lease lost, stopped without writing", self.describe())
-            return Outcome.LEASE_LOST
+            return await self._lease_lost()
         if self.stop_reason is StopReason.INTERRUPT and not await store.cancel_requested(claim):
             await self._write_partial(PartialReason.INTERRUPTED)
             self._publish(await store.release(claim, interrupted(claim.input_seq, claim.attempt)))
