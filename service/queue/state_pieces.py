@@ -122,14 +122,16 @@ def _plan_list(
         open_hash.update((b"," if count and tail else b"") + b",".join(tail))
         return count, tail, _listed(items, open_hash)
     text = orjson.dumps(items)  # "[" + the items' own texts joined by "," + "]", which the pieces hold
-    open_hash = hashlib.sha256(memoryview(text)[:-1])
     if not 0 <= count <= len(items):
-        return 0, [orjson.dumps(v) for v in items], _listed(items, open_hash)
+        return 0, [orjson.dumps(v) for v in items], _listed(items, hashlib.sha256(memoryview(text)[:-1]))
     tail = [orjson.dumps(v) for v in items[count:]]
-    # Where the first ``count`` items end in ``text`` (before the comma of the first of the others).
+    # Where the first ``count`` items end in ``text`` (before the comma of the first of the others). One pass of
+    # SHA-256: the stored prefix's digest on the way, then on to the whole (not yet closed) array.
     end = 1 if count == 0 else len(text) - 1 - sum(len(t) + 1 for t in tail)
-    prefix = hashlib.sha256(memoryview(text)[:end])
+    open_hash = hashlib.sha256(memoryview(text)[:end])
+    prefix = open_hash.copy()
     prefix.update(b"]")
+    open_hash.update(memoryview(text)[end:-1])
     if _digest(prefix) == digest:
         return count, tail, _listed(items, open_hash)
     return 0, [orjson.dumps(v) for v in items], _listed(items, open_hash)
@@ -230,19 +232,12 @@ class WrittenHeads:
         while len(self._written) > self._limit:
             self._written.pop(next(iter(self._written)))
 
-    def known(self, session_id: str, held: HeldStates | None) -> tuple[str, dict[str, Any]] | None:
-        """(head digest, the caller's dict) when the caller holds the very dict last saved for the session."""
-        state = None if held is None else held.get(session_id)
-        written = self._written.get(session_id)
-        if state is None or written is None or written[1] != id(state):
-            return None
-        return written[0], state
-
     def all_known(self, held: HeldStates | None) -> dict[str, tuple[str, dict[str, Any]]]:
-        """``known`` of every session in ``held`` for which it is not None."""
+        """{session id: (head digest, the caller's dict)} of every session whose held dict is the very dict last
+        saved for it."""
         out: dict[str, tuple[str, dict[str, Any]]] = {}
-        for session_id in held or ():
-            known = self.known(session_id, held)
-            if known is not None:
-                out[session_id] = known
+        for session_id, state in (held or {}).items():
+            written = self._written.get(session_id)
+            if written is not None and written[1] == id(state):
+                out[session_id] = (written[0], state)
         return out

@@ -168,17 +168,12 @@ class StateSaver:
         kept dumps not yet found writable (``ListDumps.checked``: a check that passes moves it on; one that fails
         leaves it, and a state that needed repair is not kept with its team anyway)."""
         view = self._unchecked_part(state)
-        if view is None:
-            value, text = clean_json(state)
-            return value, text is not None
-        try:
-            orjson.dumps(view)
-        except orjson.JSONEncodeError:
-            value, text = clean_json(state)
-            return value, text is not None
-        for slot in self._slots or ():
-            slot.dumps.checked = len(slot.dumps)
-        return state, True
+        if view is not None and _writable(view):
+            for slot in self._slots or ():
+                slot.dumps.checked = len(slot.dumps)
+            return state, True
+        value, text = clean_json(state)  # all of it: the repair walks the whole state anyway
+        return value, text is not None
 
     def _unchecked_part(self, state: State) -> State | None:
         """``state`` with each kept list cut to its dumps not yet checked (copies along the way), or None when
@@ -238,6 +233,15 @@ class StateSaver:
                 return dict(await self.team.save_state())
             parent[slot.path[-1]] = dumped
         return state
+
+
+def _writable(value: Any) -> bool:
+    """Whether orjson writes ``value`` as it is (no half UTF-16 pair, nothing JSON cannot carry)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _put_back(slots: list[_Slot], lists: list[list[Any]], stand_ins: list[list[Any]]) -> bool:
