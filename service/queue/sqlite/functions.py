@@ -66,7 +66,9 @@ from service.queue.state_pieces import (
 )
 
 Db = sqlite3.Cursor
-Known = tuple[str, dict[str, Any]] | None  # (head digest, the state the claimer holds): WrittenHeads.all_known
+Known = (
+    tuple[str, dict[str, Any]] | None
+)  # (head digest, the state the claimer holds): WrittenHeads.all_known
 
 
 # --- sessions -------------------------------------------------------------------------------------------------
